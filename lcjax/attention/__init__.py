@@ -1,0 +1,5 @@
+"""Attention: masks -> block layouts, selectors, references, and attend()."""
+from lcjax.attention.api import attend
+from lcjax.attention.layout import BlockLayout
+from lcjax.attention import masks
+from lcjax.attention.reference import attention_reference

@@ -1,0 +1,64 @@
+"""Dense KV cache: every token kept, at full precision, in a fixed-capacity buffer."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from lcjax.attention import attend, masks
+from lcjax.cache.base import tree_bytes
+
+
+def write_rows(buffer, new, start):
+  """buffer [B, C, ...] <- new [B, T, ...] at per-sequence offsets start int32 [B]."""
+  return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice_in_dim(b, n, s, axis=0))(buffer, new, start)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "lengths"],
+                   meta_fields=["window"])
+@dataclasses.dataclass(frozen=True)
+class DenseKVCache:
+  """k, v: [B, capacity, Hkv, D]; lengths: int32 [B] tokens written per sequence.
+
+  window: if set, queries see only the last `window` keys (Mistral's sliding window); the buffer
+  still keeps everything (the ring-buffer cache in lcjax.cache saves the memory).
+  """
+  k: jax.Array
+  v: jax.Array
+  lengths: jax.Array
+  window: int | None = None
+
+  @classmethod
+  def create(cls, batch: int, capacity: int, kv_heads: int, head_dim: int, dtype=jnp.float32,
+             window: int | None = None) -> "DenseKVCache":
+    shape = (batch, capacity, kv_heads, head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32), window)
+
+  @property
+  def capacity(self) -> int:
+    return self.k.shape[1]
+
+  def update(self, k_new, v_new, *, q=None, num_new=None) -> "DenseKVCache":
+    """Writes k_new, v_new [B, T, Hkv, D] at each sequence's length.
+
+    Writing past the capacity is an error the caller must prevent (generate checks
+    prompt + new tokens <= capacity up front); inside jit, rows past it would be clamped.
+    """
+    del q
+    t = k_new.shape[1]
+    num_new = jnp.full_like(self.lengths, t) if num_new is None else jnp.asarray(num_new, jnp.int32)
+    k = write_rows(self.k, k_new.astype(self.k.dtype), self.lengths)
+    v = write_rows(self.v, v_new.astype(self.v.dtype), self.lengths)
+    return dataclasses.replace(self, k=k, v=v, lengths=self.lengths + num_new)
+
+  def attend(self, q, *, scale: float | None = None, implementation: str = "auto"):
+    mask = masks.causal() if self.window is None else masks.sliding_window(self.window - 1)
+    # Queries are the last T tokens written: absolute positions lengths - T .. lengths - 1.
+    return attend(q, self.k, self.v, mask=mask, scale=scale, q_offset=self.lengths - q.shape[1],
+                  kv_valid_len=self.lengths, implementation=implementation)
+
+  def memory_bytes(self) -> int:
+    return tree_bytes((self.k, self.v, self.lengths))
