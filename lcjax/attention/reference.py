@@ -24,7 +24,7 @@ def allowed_pairs(*, batch: int, q_len: int, kv_len: int, q_heads: int, mask: Ma
   """bool [B, Hq or 1, Tq, Tk]: which pairs the arguments allow (everything when all are None).
 
   q_offset: int or int32 [B]; the absolute index of query i is q_offset + i.
-  kv_valid_len: None or int32 [B]; keys at or past it are excluded (a cache's fill level).
+  kv_valid_len: None, or an int32 scalar or [B]; keys at or past it are excluded (a cache's fill level).
   segment_ids: int32 [B, Tq] (and kv_segment_ids [B, Tk], defaulting to segment_ids): pairs
     attend only within a segment (document masking of packed sequences).
   """
@@ -38,7 +38,8 @@ def allowed_pairs(*, batch: int, q_len: int, kv_len: int, q_heads: int, mask: Ma
     kv_seg = segment_ids if kv_segment_ids is None else kv_segment_ids
     ok &= segment_ids[:, None, :, None] == kv_seg[:, None, None, :]
   if kv_valid_len is not None:
-    ok &= kv_idx < jnp.asarray(kv_valid_len, jnp.int32)[:, None, None, None]
+    valid = jnp.broadcast_to(jnp.asarray(kv_valid_len, jnp.int32), (batch,))
+    ok &= kv_idx < valid[:, None, None, None]
   if layout is not None:
     visible, full = layout.block_mask()                      # [Bl, Hl, nQ, nK]
     expand = lambda t: jnp.repeat(jnp.repeat(t, layout.block_q, -2)[..., :q_len, :],
