@@ -1,0 +1,254 @@
+"""Split-KV decode attention (FlashDecoding) over a long dense cache, dense or block-sparse.
+
+Decoding is memory-bound: the kernel's job is to read every cached byte once at full bandwidth.
+Each program of the grid (batch, kv_head, split) owns one KV head of one sequence and a
+contiguous share of its key blocks; it packs all the query rows of that KV head (the GQA group
+times the few query tokens) into one [rows, D] tile, so K and V are read once for the group.
+Each split writes a normalised partial output and its log-sum-exp; `merge_splits` combines them.
+
+Shapes and conventions (the cache layout of lcjax.cache.DenseKVCache):
+  q        [B, T, Hq, D]         the last T tokens written, at positions lengths - T .. lengths - 1
+  k, v     [B, C, Hkv, D]        C = capacity; only the first lengths[b] rows are valid
+  lengths  int32 [B]             tokens written per sequence (ragged batch)
+Query t of sequence b sees keys 0 .. lengths[b] - T + t (causal among the T new tokens).
+Softmax statistics and accumulation are float32; the dots take the cache's dtype.
+
+Block-sparse decode visits only listed key blocks per (batch, kv head):
+  block_indices int32 [B, Hkv, max_blocks]   key block numbers (block_size keys each)
+  block_counts  int32 [B, Hkv]               how many entries of block_indices are valid
+(a BlockLayout's kv_indices[:, :, 0] / kv_counts[:, :, 0] with one query block).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+NUM_SMS = 132  # H100 SXM; only used to pick a default number of splits.
+
+
+def _cdiv(a, b):
+  return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def default_num_splits(batch: int, kv_heads: int, num_blocks: int) -> int:
+  """Enough programs to fill the GPU a few times over, never more splits than key blocks."""
+  return int(max(1, min(_cdiv(4 * NUM_SMS, batch * kv_heads), num_blocks)))
+
+
+def pick_block_k(capacity: int, preferred: int = 128) -> int:
+  """Largest power of two <= preferred (>= 16) dividing the capacity."""
+  bk = preferred
+  while bk >= 16:
+    if capacity % bk == 0:
+      return bk
+    bk //= 2
+  raise ValueError(f"cache capacity must be a multiple of 16 for the Pallas decode kernels; got {capacity}")
+
+
+def pack_queries(q, kv_heads: int):
+  """q [B, T, Hq, D] -> [B, Hkv, rows, D], row = t * group + g, zero-padded to rows (a power of 2 >= 16)."""
+  batch, q_len, q_heads, head_dim = q.shape
+  group = q_heads // kv_heads
+  rows = max(16, _next_pow2(q_len * group))
+  qp = q.reshape(batch, q_len, kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
+  qp = qp.reshape(batch, kv_heads, q_len * group, head_dim)
+  return jnp.pad(qp, ((0, 0), (0, 0), (0, rows - q_len * group), (0, 0))), rows
+
+
+def unpack_rows(x, q_len: int, q_heads: int):
+  """[B, Hkv, rows, ...] -> [B, T, Hq, ...] (inverse of pack_queries' row order)."""
+  batch, kv_heads = x.shape[:2]
+  group = q_heads // kv_heads
+  x = x[:, :, :q_len * group].reshape(batch, kv_heads, q_len, group, *x.shape[3:])
+  x = jnp.moveaxis(x, 2, 1)
+  return x.reshape(batch, q_len, q_heads, *x.shape[4:])
+
+
+def merge_splits(o, lse):
+  """Log-sum-exp merge of split partials.
+
+  Args:
+    o: float32 [..., S, rows, D] normalised partial outputs; lse: float32 [..., S, rows]
+      (-inf where a split saw no key).
+  Returns:
+    (out float32 [..., rows, D], lse float32 [..., rows]); rows that saw nothing are 0 / -inf.
+  """
+  m = jnp.max(lse, axis=-2)
+  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+  w = jnp.exp(lse - m_safe[..., None, :])                       # 0 for empty splits
+  l = jnp.sum(w, axis=-2)
+  out = jnp.sum(w[..., None] * o, axis=-3) / jnp.where(l > 0, l, 1.0)[..., None]
+  lse_all = jnp.where(l > 0, m_safe + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+  return out, lse_all
+
+
+def online_softmax_step(carry, s, mask, v_dot):
+  """One flash step. s: float32 [rows, bk] logits, mask bool [rows, bk]; v_dot(p) -> [rows, D]."""
+  o, m, l = carry
+  s = jnp.where(mask, s, -jnp.inf)
+  m_new = jnp.maximum(m, s.max(axis=-1))
+  m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)             # rows that saw nothing yet
+  alpha = jnp.exp(m - m_safe)
+  p = jnp.where(mask, jnp.exp(s - m_safe[:, None]), 0.0)
+  l = alpha * l + p.sum(axis=-1)
+  o = alpha[:, None] * o + v_dot(p)
+  return o, m_new, l
+
+
+def finish(o_ref, lse_ref, carry):
+  """Writes the normalised partial output and its log-sum-exp (0 / -inf for empty rows)."""
+  o, m, l = carry
+  nonempty = l > 0
+  l_safe = jnp.where(nonempty, l, 1.0)
+  o_ref[...] = (o / l_safe[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(nonempty, m + jnp.log(l_safe), -jnp.inf)
+
+
+def query_positions(length, rows: int, group: int, q_len: int):
+  """Absolute position of each packed row's query token ([rows] int32); -1 for padding rows."""
+  r = lax.broadcasted_iota(jnp.int32, (rows,), 0)
+  pos = length - q_len + r // group
+  return jnp.where(r < q_len * group, pos, -1)
+
+
+def split_range(total, num_splits: int, split):
+  """[lo, hi) of `total` items handled by `split` when they are shared evenly."""
+  per = (total + num_splits - 1) // num_splits
+  lo = split * per
+  return lo, jnp.maximum(jnp.minimum(lo + per, total), lo)
+
+
+def _decode_kernel(len_ref, *refs, scale, block_k, num_splits, group, q_len, sparse, tiles_per_block):
+  if sparse:
+    idx_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+  else:
+    q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+  b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  rows, head_dim = q_ref.shape
+  length = len_ref[b]
+  q = q_ref[...]
+  qpos = query_positions(length, rows, group, q_len)
+  if sparse:
+    total = cnt_ref[b, h] * tiles_per_block
+  else:
+    total = (length + block_k - 1) // block_k
+  lo, hi = split_range(total, num_splits, split)
+
+  def body(i, carry):
+    if sparse:
+      blk = idx_ref[b, h, i // tiles_per_block]
+      start = (blk * tiles_per_block + i % tiles_per_block) * block_k
+    else:
+      start = i * block_k
+    start = pl.multiple_of(start, block_k)
+    k = k_ref[pl.ds(start, block_k), :]
+    s = plgpu.dot(q, k, trans_b=True) * scale
+    kpos = start + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
+    mask = kpos <= qpos[:, None]
+    v = v_ref[pl.ds(start, block_k), :]
+    return online_softmax_step(carry, s, mask, lambda p: plgpu.dot(p.astype(v.dtype), v))
+
+  carry = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
+           jnp.zeros((rows,), jnp.float32))
+  finish(o_ref, lse_ref, lax.fori_loop(lo, hi, body, carry))
+
+
+def validate_decode_args(q, k, v, lengths):
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k, v must be 4-D [batch, len, heads, head_dim]; got q{q.shape}, k{k.shape}, v{v.shape}")
+  if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0]:
+    raise ValueError(f"q{q.shape}, k{k.shape}, v{v.shape} disagree on batch, capacity or kv heads")
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f"q heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
+  if lengths.shape != (q.shape[0],):
+    raise ValueError(f"lengths must be int32 [batch={q.shape[0]}]; got shape {lengths.shape}")
+  if q.shape[-1] % 16:
+    raise ValueError(f"head_dim must be a multiple of 16; got {q.shape[-1]}")
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "scale", "block_size", "block_k", "num_splits", "num_warps", "num_stages", "interpret",
+    "return_lse"))
+def decode_attention(q, k, v, lengths, block_indices=None, block_counts=None, *,
+                     scale: float | None = None, block_size: int | None = None,
+                     block_k: int | None = None, num_splits: int | None = None,
+                     num_warps: int = 4, num_stages: int = 3, interpret: bool = False,
+                     return_lse: bool = False):
+  """Decode attention of a few new query tokens over a long dense KV cache.
+
+  Args:
+    q: [B, T, Hq, D]; k, v: [B, C, Hkv, D] (same dtype as q); lengths: int32 [B].
+    block_indices, block_counts: optional int32 [B, Hkv, max_blocks] / [B, Hkv] for
+      block-sparse decode over key blocks of `block_size` keys (a multiple of the tile).
+    scale: logit scale, default D ** -0.5.
+    block_k: keys per tile (default the largest of 128, 64, ... dividing C and block_size).
+    num_splits: KV splits per (batch, kv head); default fills the GPU about four times.
+  Returns:
+    out [B, T, Hq, D] in q.dtype (zero for queries that see no key), and with return_lse the
+    float32 log-sum-exp [B, Hq, T].
+  """
+  validate_decode_args(q, k, v, lengths)
+  batch, q_len, q_heads, head_dim = q.shape
+  capacity, kv_heads = k.shape[1], k.shape[2]
+  group = q_heads // kv_heads
+  scale = head_dim ** -0.5 if scale is None else scale
+  sparse = block_indices is not None
+  if sparse:
+    if block_counts is None or block_size is None:
+      raise ValueError("block-sparse decode needs block_indices, block_counts and block_size")
+    if block_indices.shape[:2] != (batch, kv_heads) or block_counts.shape != (batch, kv_heads):
+      raise ValueError(f"block_indices must be [B={batch}, Hkv={kv_heads}, n] and block_counts "
+                       f"[B, Hkv]; got {block_indices.shape} and {block_counts.shape}")
+  bk = block_k or pick_block_k(math.gcd(capacity, block_size) if sparse else capacity)
+  if capacity % bk or (sparse and block_size % bk):
+    raise ValueError(f"block_k={bk} must divide the capacity {capacity}"
+                     + (f" and block_size {block_size}" if sparse else ""))
+  if sparse and capacity % block_size:
+    raise ValueError(f"block_size={block_size} must divide the cache capacity {capacity}")
+  tiles_per_block = block_size // bk if sparse else 1
+  max_tiles = block_indices.shape[-1] * tiles_per_block if sparse else capacity // bk
+  splits = num_splits or default_num_splits(batch, kv_heads, max_tiles)
+
+  qp, rows = pack_queries(q, kv_heads)
+  kernel = functools.partial(_decode_kernel, scale=scale, block_k=bk, num_splits=splits, group=group,
+                             q_len=q_len, sparse=sparse, tiles_per_block=tiles_per_block)
+  kv_spec = pl.BlockSpec((None, capacity, None, head_dim), lambda b, h, j: (b, 0, h, 0))
+  whole = lambda x: pl.BlockSpec(x.shape, lambda b, h, j: (0,) * x.ndim)
+  lengths = lengths.astype(jnp.int32)
+  args = [lengths]
+  in_specs = [whole(lengths)]
+  if sparse:
+    block_indices = block_indices.astype(jnp.int32)
+    block_counts = block_counts.astype(jnp.int32)
+    args += [block_indices, block_counts]
+    in_specs += [whole(block_indices), whole(block_counts)]
+  args += [qp, k, v]
+  in_specs += [pl.BlockSpec((None, None, rows, head_dim), lambda b, h, j: (b, h, 0, 0)), kv_spec, kv_spec]
+  o, lse = pl.pallas_call(
+      kernel,
+      grid=(batch, kv_heads, splits),
+      in_specs=in_specs,
+      out_specs=[pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, j: (b, h, j, 0, 0)),
+                 pl.BlockSpec((None, None, None, rows), lambda b, h, j: (b, h, j, 0))],
+      out_shape=[jax.ShapeDtypeStruct((batch, kv_heads, splits, rows, head_dim), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, kv_heads, splits, rows), jnp.float32)],
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="lcjax_sparse_decode" if sparse else "lcjax_decode",
+  )(*args)
+  out, lse = merge_splits(o, lse)
+  out = unpack_rows(out, q_len, q_heads).astype(q.dtype)
+  if return_lse:
+    return out, jnp.moveaxis(unpack_rows(lse, q_len, q_heads), 1, 2)
+  return out
