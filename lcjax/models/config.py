@@ -1,0 +1,100 @@
+"""ModelConfig: the static description of a Llama-family decoder (Llama, Mistral, Qwen2).
+
+Frozen and hashable, so it can be a static argument of jit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from lcjax.models.attention_methods import ATTENTION_METHODS
+from lcjax.models.rope import ROPE_SCALINGS, RopeScaling
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and numerics of the decoder.
+
+  Attributes:
+    vocab_size, dim, n_layers, n_heads, n_kv_heads, head_dim: sizes (n_heads % n_kv_heads == 0).
+      head_dim None means dim // n_heads.
+    hidden_dim: the SwiGLU MLP's inner size.
+    norm_eps: RMSNorm epsilon.
+    rope_theta: RoPE base; rope_scaling: None or a scaling from lcjax.models.rope.
+    max_seq_len: the model's max_position_embeddings (the reference length of the scalings).
+    sliding_window: None or the number of keys each query sees, itself included (Mistral).
+    qkv_bias: q, k and v projections have biases (Qwen2).
+    tie_embeddings: the output projection is the token embedding's transpose.
+    dtype: compute dtype ("float32", "bfloat16", "float16"); param_dtype: storage dtype of params.
+    attention: per-layer attention-method names (lcjax.models.attention_methods); None or a
+      single name means that method for every layer.
+    remat: recompute each layer's activations in the backward pass (jax.checkpoint).
+  """
+  vocab_size: int
+  dim: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  hidden_dim: int
+  head_dim: int | None = None
+  norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  max_seq_len: int = 4096
+  sliding_window: int | None = None
+  qkv_bias: bool = False
+  tie_embeddings: bool = False
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  attention: tuple[str, ...] | str | None = None
+  remat: bool = False
+
+  def __post_init__(self):
+    for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"ModelConfig.{name}={value!r}; accepted: an int > 0")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"ModelConfig.n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+    if self.head_dim is None:
+      if self.dim % self.n_heads:
+        raise ValueError(f"ModelConfig.dim={self.dim} is not divisible by n_heads={self.n_heads}; "
+                         "set head_dim explicitly")
+      object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+    if not isinstance(self.head_dim, int) or self.head_dim <= 0 or self.head_dim % 2:
+      raise ValueError(f"ModelConfig.head_dim={self.head_dim!r}; accepted: an even int > 0 (RoPE rotates pairs)")
+    if not self.norm_eps > 0:
+      raise ValueError(f"ModelConfig.norm_eps={self.norm_eps!r}; accepted: a float > 0")
+    if not self.rope_theta > 1:
+      raise ValueError(f"ModelConfig.rope_theta={self.rope_theta!r}; accepted: a float > 1")
+    if self.rope_scaling is not None and not isinstance(self.rope_scaling, ROPE_SCALINGS):
+      raise ValueError(f"ModelConfig.rope_scaling={self.rope_scaling!r}; accepted: None or one of "
+                       f"{[c.__name__ for c in ROPE_SCALINGS]} (lcjax.models.rope)")
+    if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+      raise ValueError(f"ModelConfig.sliding_window={self.sliding_window!r}; accepted: None or an int > 0")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in FLOAT_DTYPES:
+        raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; accepted: {FLOAT_DTYPES}")
+    attention = self.attention
+    if attention is None or isinstance(attention, str):
+      attention = ("dense" if attention is None else attention,) * self.n_layers
+    attention = tuple(attention)
+    if len(attention) != self.n_layers:
+      raise ValueError(f"ModelConfig.attention has {len(attention)} entries; accepted: one per layer "
+                       f"(n_layers={self.n_layers}) or a single name")
+    for name in attention:
+      if name not in ATTENTION_METHODS:
+        raise ValueError(f"ModelConfig.attention contains {name!r}; accepted: {sorted(ATTENTION_METHODS)}")
+    object.__setattr__(self, "attention", attention)
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def params_dtype(self):
+    return jnp.dtype(self.param_dtype)
