@@ -5,9 +5,9 @@ picks the kernel (Mosaic GPU forward on Hopper where it applies, the Triton-lowe
 elsewhere and for the backward pass) and wires the custom VJP. pallas_kernels never imports lcjax:
 only arrays, static block sizes and the mask (a hashable callable) cross the boundary.
 
-Dense masked attention is block-sparse attention over the layout the mask implies: the mask is
-evaluated on the host once per (mask, lengths, blocks, q_offset) and classified into empty,
-partly visible and fully visible blocks.
+Dense masked attention is block-sparse attention over the layout the mask implies (to_layout,
+compiled on the host once per mask, lengths, blocks and q_offset): empty blocks are skipped, fully
+visible ones skip the element mask.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcjax.attention.layout import BlockLayout
+from lcjax.attention.layouts import to_layout
 from lcjax.attention.masks import Mask
 from pallas_kernels.gpu import block_sparse_attention as bsa
 
@@ -83,37 +84,6 @@ def _reason(q, k, v, *, mask, layout, score_mod, segment_ids, kv_segment_ids, q_
       if b < 16 or b & (b - 1):
         return f"layout.{name}={b}: the kernels need a power of two >= 16"
   return None
-
-
-@functools.lru_cache(maxsize=64)
-def _mask_block_tables(mask: Mask | None, q_len: int, kv_len: int, block_q: int, block_kv: int,
-                       q_offset: int):
-  """Host evaluation of a mask: (visible, full) bool [nQ, nK] numpy tables.
-
-  Padded positions (past q_len or kv_len) count as invisible, so that ragged last blocks are
-  partial and get the bounds check.
-  """
-  n_q, n_k = _cdiv(q_len, block_q), _cdiv(kv_len, block_kv)
-  visible = np.zeros((n_q, n_k), bool)
-  full = np.zeros((n_q, n_k), bool)
-  kv_idx = np.arange(n_k * block_kv, dtype=np.int32)
-  kv_in = kv_idx < kv_len
-  for i in range(n_q):
-    q_idx = q_offset + i * block_q + np.arange(block_q, dtype=np.int32)
-    q_in = (q_idx - q_offset) < q_len
-    ok = np.ones((block_q, kv_idx.size), bool) if mask is None else \
-        np.broadcast_to(np.asarray(mask(q_idx[:, None], kv_idx[None, :])), (block_q, kv_idx.size))
-    ok = ok & kv_in[None, :]
-    tiles = ok.reshape(block_q, n_k, block_kv)
-    visible[i] = tiles[q_in].any(axis=(0, 2))
-    full[i] = tiles[q_in].all(axis=(0, 2)) if q_in.all() else False
-  return visible, full
-
-
-def _host_layout(mask, q_len, kv_len, block_q, block_kv, q_offset) -> BlockLayout:
-  visible, full = _mask_block_tables(mask, q_len, kv_len, block_q, block_kv, int(q_offset))
-  return BlockLayout.from_block_mask(visible[None, None], full[None, None], block_q=block_q,
-                                     block_kv=block_kv, q_len=q_len, kv_len=kv_len)
 
 
 def _pow2_width(table, fill_last: bool):
@@ -219,7 +189,7 @@ def attend_pallas(q, k, v, *, mask: Mask | None = None, layout: BlockLayout | No
     dq_, dk_ = _default_blocks(head_dim, interpret)
     block_q = block_q or dq_
     block_kv = block_kv or dk_
-    layout = _host_layout(mask, q_len, kv_len, block_q, block_kv, q_offset)
+    layout = to_layout(mask, q_len, kv_len, block_q, block_kv, q_offset=q_offset)
   else:
     block_q, block_kv = layout.block_q, layout.block_kv
   fwd_tables, bwd_tables = _kernel_tables(layout)
