@@ -48,25 +48,34 @@ def _reduce_blocks(allowed, q_pad, block_q, block_kv):
 
 
 @functools.lru_cache(maxsize=128)
-def _host_layout(mask: Mask, q_len: int, kv_len: int, block_q: int, block_kv: int,
-                 q_offset: int) -> BlockLayout:
+def host_block_tables(mask: Mask, q_len: int, kv_len: int, block_q: int, block_kv: int,
+                      q_offset: int = 0):
+  """numpy bool [nQ, nK] tables (visible, full) of a static mask; cached, read-only."""
   n_q, n_kv = _cdiv(q_len, block_q), _cdiv(kv_len, block_kv)
   kv_pos = np.arange(n_kv * block_kv)
   rows_per_chunk = max(1, _HOST_CHUNK_ELEMENTS // (block_q * kv_pos.size))
   visible, full = [], []
   for start in range(0, n_q, rows_per_chunk):
     q_pos = np.arange(start * block_q, min(start + rows_per_chunk, n_q) * block_q)[:, None]
-    allowed = np.broadcast_to(mask(q_pos + q_offset, kv_pos[None, :] + 0), (q_pos.size, kv_pos.size))
+    allowed = np.broadcast_to(np.asarray(mask(q_pos + q_offset, kv_pos[None, :])),
+                              (q_pos.size, kv_pos.size))
     allowed = allowed & (kv_pos < kv_len)[None, :]
     vis, ful = _reduce_blocks(allowed, q_pos >= q_len, block_q, block_kv)
     visible.append(vis)
     full.append(ful)
-  visible = np.concatenate(visible)[None, None]
-  full = np.concatenate(full)[None, None]
-  layout = BlockLayout.from_block_mask(visible, full, block_q=block_q, block_kv=block_kv,
-                                       q_len=q_len, kv_len=kv_len)
+  visible, full = np.concatenate(visible), np.concatenate(full)
+  visible.flags.writeable = full.flags.writeable = False   # cached and shared: keep immutable
+  return visible, full
+
+
+@functools.lru_cache(maxsize=128)
+def _host_layout(mask: Mask, q_len: int, kv_len: int, block_q: int, block_kv: int,
+                 q_offset: int) -> BlockLayout:
+  visible, full = host_block_tables(mask, q_len, kv_len, block_q, block_kv, q_offset)
+  layout = BlockLayout.from_block_mask(visible[None, None], full[None, None], block_q=block_q,
+                                       block_kv=block_kv, q_len=q_len, kv_len=kv_len)
   for leaf in jax.tree_util.tree_leaves(layout):
-    leaf.flags.writeable = False         # the layout is cached and shared: keep it immutable
+    leaf.flags.writeable = False
   return layout
 
 
@@ -136,8 +145,10 @@ def to_layout(mask: Mask | None, q_len: int, kv_len: int, block_q: int, block_kv
   if segment_ids is None and static_offset:
     try:
       hash(mask)
-    except TypeError:            # an unhashable user mask: compile without the cache
-      return _host_layout.__wrapped__(mask, q_len, kv_len, block_q, block_kv, int(q_offset))
+    except TypeError:            # an unhashable user mask: compile without the caches
+      visible, full = host_block_tables.__wrapped__(mask, q_len, kv_len, block_q, block_kv, int(q_offset))
+      return BlockLayout.from_block_mask(visible[None, None], full[None, None], block_q=block_q,
+                                         block_kv=block_kv, q_len=q_len, kv_len=kv_len)
     return _host_layout(mask, q_len, kv_len, block_q, block_kv, int(q_offset))
   q_offset = jnp.asarray(q_offset, jnp.int32)
   if q_offset.ndim > 1 or (segment_ids is not None and q_offset.ndim == 1
