@@ -94,7 +94,10 @@ def merge_splits(o, lse):
 
 
 def online_softmax_step(carry, s, mask, v_dot):
-  """One flash step. s: float32 [rows, bk] logits, mask bool [rows, bk]; v_dot(p) -> [rows, D]."""
+  """One flash step. s: float32 [rows, bk] logits, mask bool [rows, bk].
+
+  v_dot(p) -> [rows, D], or a tuple of column slices of it (the accumulator o has the same form).
+  """
   o, m, l = carry
   s = jnp.where(mask, s, -jnp.inf)
   m_new = jnp.maximum(m, s.max(axis=-1))
@@ -102,16 +105,22 @@ def online_softmax_step(carry, s, mask, v_dot):
   alpha = jnp.exp(m - m_safe)
   p = jnp.where(mask, jnp.exp(s - m_safe[:, None]), 0.0)
   l = alpha * l + p.sum(axis=-1)
-  o = alpha[:, None] * o + v_dot(p)
+  o = jax.tree.map(lambda acc, pv: alpha[:, None] * acc + pv, o, v_dot(p))
   return o, m_new, l
 
 
 def finish(o_ref, lse_ref, carry):
-  """Writes the normalised partial output and its log-sum-exp (0 / -inf for empty rows)."""
+  """Writes the normalised partial output and its log-sum-exp (0 / -inf for empty rows).
+
+  A tuple accumulator holds consecutive column slices of the output, in order.
+  """
   o, m, l = carry
   nonempty = l > 0
   l_safe = jnp.where(nonempty, l, 1.0)
-  o_ref[...] = (o / l_safe[:, None]).astype(o_ref.dtype)
+  col = 0
+  for acc in (o if isinstance(o, tuple) else (o,)):
+    o_ref[:, pl.ds(col, acc.shape[1])] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+    col += acc.shape[1]
   lse_ref[...] = jnp.where(nonempty, m + jnp.log(l_safe), -jnp.inf)
 
 
