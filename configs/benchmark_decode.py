@@ -1,0 +1,27 @@
+"""Decode-kernel benchmark (issue 5): B8, 32 query heads, 8 KV heads, D128, bf16, full caches.
+
+python -m experiments.benchmark_decode --config configs/benchmark_decode.py [--config.lengths=32768]
+"""
+
+CONFIG = dict(
+    batch=8, q_heads=32, kv_heads=8, head_dim=128,
+    lengths=(32768, 131072),
+    # (block_k, num_splits, num_warps, num_stages) tried for the dense kernel; best one reported.
+    dense_sweep=((64, 16, 4, 3), (128, 16, 4, 3), (128, 16, 8, 3), (64, 32, 4, 4), (128, 32, 4, 3),
+                 (64, 8, 4, 4), (128, 8, 4, 4), (64, 64, 4, 3)),
+    quant_sweep=((64, 16, 4, 3), (128, 16, 4, 3), (128, 16, 8, 3), (64, 32, 4, 4)),
+    key_group=128, value_group=64,
+    sparse_fractions=(0.125, 0.25), sparse_block=128,
+    iters=30, repeats=5,
+    baselines=("cudnn", "xla", "jax_pallas"),
+    log_dir="",   # where the JSONL log goes (default $OUT or /tmp)
+)
+
+
+def get_config():
+  """An ml_collections.ConfigDict where ml_collections is installed (not on the GPU machine)."""
+  try:
+    import ml_collections
+  except ImportError:
+    return dict(CONFIG)
+  return ml_collections.ConfigDict(CONFIG)

@@ -1,0 +1,209 @@
+"""Decode-kernel benchmark (issue 5): lcjax's split-KV kernels beside cuDNN, XLA and JAX's Pallas decode.
+
+  PYTHONPATH=. python3 -m experiments.benchmark_decode --config configs/benchmark_decode.py \
+      [--config.lengths=32768,131072] [--config.iters=30]
+
+Needs only jax and numpy (runs on the GPU machine without lcjax's other dependencies). Prints one
+table: time per call, GB/s of cache bytes read once, ratios against cuDNN measured in the same run.
+Writes a JSONL record per measurement under $OUT (or config.log_dir).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import runpy
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def load_config(argv):
+  """--config FILE plus --config.key=value overrides (values parsed as Python literals)."""
+  path, overrides = None, {}
+  for i, arg in enumerate(argv):
+    if arg == "--config":
+      path = argv[i + 1]
+    elif arg.startswith("--config="):
+      path = arg.split("=", 1)[1]
+    elif arg.startswith("--config."):
+      key, _, value = arg[len("--config."):].partition("=")
+      try:
+        overrides[key] = ast.literal_eval(value)
+      except (ValueError, SyntaxError):
+        overrides[key] = value
+  if path is None:
+    raise ValueError("--config FILE is required")
+  cfg = dict(runpy.run_path(path)["get_config"]())
+  for key, value in overrides.items():
+    if key not in cfg:
+      raise ValueError(f"unknown config key {key!r}; known: {sorted(cfg)}")
+    cfg[key] = value
+  return cfg
+
+
+def time_fn(fn, *args, iters=30, repeats=5):
+  """Median over `repeats` of the mean time of `iters` back-to-back calls (seconds)."""
+  out = fn(*args)
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(iters):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / iters)
+  return float(np.median(times))
+
+
+def rel_err(x, ref):
+  x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
+  return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+
+class Log:
+  def __init__(self, cfg):
+    d = cfg.get("log_dir") or os.environ.get("OUT") or "/tmp"
+    os.makedirs(d, exist_ok=True)
+    self.path = os.path.join(d, "benchmark_decode.jsonl")
+    self.rows = []
+
+  def add(self, **rec):
+    self.rows.append(rec)
+    with open(self.path, "a") as f:
+      f.write(json.dumps(rec) + "\n")
+    print(json.dumps(rec), flush=True)
+
+
+def main(argv):
+  from pallas_kernels.gpu import decode, decode_quant
+
+  cfg = load_config(argv)
+  log = Log(cfg)
+  b, hq, hkv, d = cfg["batch"], cfg["q_heads"], cfg["kv_heads"], cfg["head_dim"]
+  lengths_list = cfg["lengths"] if isinstance(cfg["lengths"], (tuple, list)) else (cfg["lengths"],)
+  timing = dict(iters=cfg["iters"], repeats=cfg["repeats"])
+  print(f"device={jax.devices()[0].device_kind} jax={jax.__version__}", flush=True)
+  summary = []
+  for n in lengths_list:
+    key = jax.random.key(n)
+    kq, kk, kv = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (b, 1, hq, d), jnp.bfloat16)
+    k = jax.random.normal(kk, (b, n, hkv, d), jnp.bfloat16)
+    v = jax.random.normal(kv, (b, n, hkv, d), jnp.bfloat16)
+    lengths = jnp.full((b,), n, jnp.int32)
+    kv_bytes = 2 * b * n * hkv * d * 2
+    gbps = lambda t: kv_bytes / t / 1e9
+    results = {}
+
+    # Baselines.
+    ref = None
+    if "cudnn" in cfg["baselines"]:
+      f = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
+      try:
+        ref = f(q, k, v)
+        results["cudnn"] = time_fn(f, q, k, v, **timing)
+      except Exception as e:  # noqa: BLE001  (report and go on)
+        log.add(n=n, impl="cudnn", error=repr(e)[:300])
+    if "xla" in cfg["baselines"]:
+      f = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"))
+      out = f(q, k, v)
+      ref = out if ref is None else ref
+      results["xla"] = time_fn(f, q, k, v, **timing)
+    if "jax_pallas" in cfg["baselines"]:
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from jax.experimental.pallas.ops.gpu import decode_attention as jax_decode
+      f = jax.jit(lambda q, k, v, l: jax_decode.gqa(q[:, 0], k, v, kv_seq_len=l))
+      try:
+        out = f(q, k, v, lengths)
+        log.add(n=n, impl="jax_pallas", err=rel_err(out, ref[:, 0]))
+        results["jax_pallas"] = time_fn(f, q, k, v, lengths, **timing)
+      except Exception as e:  # noqa: BLE001
+        log.add(n=n, impl="jax_pallas", error=repr(e)[:300])
+    for impl, t in results.items():
+      log.add(n=n, impl=impl, ms=t * 1e3, gbps=gbps(t))
+
+    # lcjax dense: sweep tile / split / warps / stages.
+    best = (None, float("inf"), (128, 16, 4, 3))
+    for bk, splits, warps, stages in cfg["dense_sweep"]:
+      f = jax.jit(lambda q, k, v, l, bk=bk, s=splits, w=warps, st=stages: decode.decode_attention(
+          q, k, v, l, block_k=bk, num_splits=s, num_warps=w, num_stages=st))
+      name = f"lcjax bk{bk} s{splits} w{warps} st{stages}"
+      try:
+        err = rel_err(f(q, k, v, lengths), ref)
+        t = time_fn(f, q, k, v, lengths, **timing)
+      except Exception as e:  # noqa: BLE001
+        log.add(n=n, impl=name, error=repr(e)[:500])
+        continue
+      log.add(n=n, impl=name, ms=t * 1e3, gbps=gbps(t), err=err)
+      if t < best[1]:
+        best = (name, t, (bk, splits, warps, stages))
+    results["lcjax_dense"] = best[1]
+    summary.append((n, "dense bf16", best[0], best[1], gbps(best[1]), results.get("cudnn")))
+    for impl in ("cudnn", "xla", "jax_pallas"):
+      if impl in results:
+        summary.append((n, impl, "", results[impl], gbps(results[impl]), results.get("cudnn")))
+
+    # Quantised caches: tokens/s relative to cuDNN's bf16 (same tokens, fewer bytes).
+    for bits in (8, 4):
+      qkv = jax.jit(lambda k, v, bits=bits: decode_quant.quantize_kv(
+          k, v, bits=bits, key_group=cfg["key_group"], value_group=cfg["value_group"]))(k, v)
+      qbytes = sum(x.size * x.dtype.itemsize for x in qkv)
+      kd, vd = decode_quant.dequantize_kv(qkv, jnp.bfloat16)
+      qref = jax.nn.dot_product_attention(q, kd, vd, implementation="xla")
+      del kd, vd
+      qbest = (None, float("inf"))
+      for bk, splits, warps, stages in cfg["quant_sweep"]:
+        f = jax.jit(lambda q, c, l, bk=bk, s=splits, w=warps, st=stages:
+                    decode_quant.quantized_decode_attention(q, c, l, block_k=bk, num_splits=s,
+                                                            num_warps=w, num_stages=st))
+        name = f"int{bits} bk{bk} s{splits} w{warps} st{stages}"
+        try:
+          err = rel_err(f(q, qkv, lengths), qref)
+          t = time_fn(f, q, qkv, lengths, **timing)
+        except Exception as e:  # noqa: BLE001
+          log.add(n=n, impl=name, error=repr(e)[:500])
+          continue
+        log.add(n=n, impl=name, ms=t * 1e3, gbps=qbytes / t / 1e9, err=err, bytes=qbytes)
+        if t < qbest[1]:
+          qbest = (name, t)
+      summary.append((n, f"int{bits}", qbest[0], qbest[1], qbytes / qbest[1] / 1e9, results.get("cudnn")))
+      del qkv
+
+    # Block-sparse: random selected key blocks per (batch, kv head).
+    nb = n // cfg["sparse_block"]
+    bk, splits, warps, stages = best[2]
+    rng = np.random.default_rng(0)
+    for frac in cfg["sparse_fractions"]:
+      count = max(1, int(round(frac * nb)))
+      idx = np.sort(np.stack([rng.permutation(nb)[:count] for _ in range(b * hkv)]), -1)
+      idx = jnp.asarray(idx.reshape(b, hkv, count), jnp.int32)
+      cnt = jnp.full((b, hkv), count, jnp.int32)
+      f = jax.jit(lambda q, k, v, l, i, c, s=splits: decode.decode_attention(
+          q, k, v, l, i, c, block_size=cfg["sparse_block"], block_k=min(bk, cfg["sparse_block"]),
+          num_splits=max(1, s), num_warps=warps, num_stages=stages))
+      try:
+        t = time_fn(f, q, k, v, lengths, idx, cnt, **timing)
+      except Exception as e:  # noqa: BLE001
+        log.add(n=n, impl=f"sparse {frac}", error=repr(e)[:500])
+        continue
+      ideal = frac * results["lcjax_dense"]
+      log.add(n=n, impl=f"sparse {frac}", ms=t * 1e3, ideal_ms=ideal * 1e3, ratio=t / ideal)
+      summary.append((n, f"sparse {frac:.3f}", f"vs frac*dense {t / ideal:.2f}x", t, frac * kv_bytes / t / 1e9,
+                      results.get("cudnn")))
+
+  print("\n| KV len | kernel | config | ms | GB/s (bytes read) | tokens/s vs cuDNN bf16 |")
+  print("|---|---|---|---|---|---|")
+  for n, kind, conf, t, bw, t_cudnn in summary:
+    ratio = f"{t_cudnn / t:.2f}x" if t_cudnn else "-"
+    print(f"| {n} | {kind} | {conf} | {t * 1e3:.3f} | {bw:.0f} | {ratio} |")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
