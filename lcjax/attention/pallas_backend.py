@@ -21,11 +21,14 @@ import numpy as np
 
 from lcjax.attention.layout import BlockLayout
 from lcjax.attention.layouts import to_layout
+from lcjax.attention import masks as masks_lib
 from lcjax.attention.masks import Mask
 from pallas_kernels.gpu import block_sparse_attention as bsa
+from pallas_kernels.gpu import block_sparse_attention_mgpu as mgpu
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
+FORWARD_KERNELS = ("auto", "triton", "mosaic")
 # Set to 1 to let attend(implementation="pallas") run the kernels in interpret mode on the CPU.
 INTERPRET_ENV = "LCJAX_PALLAS_INTERPRET"
 
@@ -119,20 +122,32 @@ def _default_blocks(head_dim: int, interpret: bool) -> tuple[int, int]:
   return (128, 128) if head_dim <= 128 else (64, 64)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12, 13, 14, 15))
+def _mosaic_mask_ok(mask) -> bool:
+  """Masks whose index arithmetic is known to lower in Mosaic GPU (compare, add, and/or/not)."""
+  if mask is None or isinstance(mask, (masks_lib.Causal, masks_lib.SlidingWindow)):
+    return True
+  if isinstance(mask, (masks_lib.And, masks_lib.Or)):
+    return _mosaic_mask_ok(mask.left) and _mosaic_mask_ok(mask.right)
+  if isinstance(mask, masks_lib.Not):
+    return _mosaic_mask_ok(mask.inner)
+  return False
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12, 13, 14, 15, 16))
 def _flash(q, k, v, kv_indices, kv_counts, kv_full, q_indices, q_counts, q_full, mask_fn, scale,
-           block_q, block_kv, kv_len, q_offset, interpret):
+           block_q, block_kv, kv_len, q_offset, interpret, forward_kernel):
   del q_indices, q_counts, q_full
   return _forward(q, k, v, (kv_indices, kv_counts, kv_full), mask_fn, scale, block_q, block_kv,
-                  kv_len, q_offset, interpret)
+                  kv_len, q_offset, interpret, forward_kernel)
 
 
-def _forward(q, k, v, tables, mask_fn, scale, block_q, block_kv, kv_len, q_offset, interpret):
-  try:
-    from pallas_kernels.gpu import block_sparse_attention_mgpu as mgpu
-  except ImportError:
-    mgpu = None
-  if mgpu is not None and not interpret and mgpu.supports(q, k, v, block_q=block_q, block_kv=block_kv):
+def _forward(q, k, v, tables, mask_fn, scale, block_q, block_kv, kv_len, q_offset, interpret,
+             forward_kernel):
+  use_mosaic = forward_kernel == "mosaic"
+  if forward_kernel == "auto" and not interpret:
+    use_mosaic = (_mosaic_mask_ok(mask_fn) and
+                  mgpu.supports(q, k, v, block_q=block_q, block_kv=block_kv))
+  if use_mosaic:
     return mgpu.block_sparse_attention_fwd(q, k, v, *tables, mask_fn=mask_fn, scale=scale,
                                            kv_len=kv_len, q_offset=q_offset)
   return bsa.block_sparse_attention_fwd(q, k, v, *tables, mask_fn=mask_fn, scale=scale,
@@ -142,14 +157,16 @@ def _forward(q, k, v, tables, mask_fn, scale, block_q, block_kv, kv_len, q_offse
 
 
 def _flash_fwd(q, k, v, kv_indices, kv_counts, kv_full, q_indices, q_counts, q_full, mask_fn, scale,
-               block_q, block_kv, kv_len, q_offset, interpret):
+               block_q, block_kv, kv_len, q_offset, interpret, forward_kernel):
   out, lse = _forward(q, k, v, (kv_indices, kv_counts, kv_full), mask_fn, scale, block_q, block_kv,
-                      kv_len, q_offset, interpret)
+                      kv_len, q_offset, interpret, forward_kernel)
   res = (q, k, v, out, lse, kv_indices, kv_counts, kv_full, q_indices, q_counts, q_full)
   return (out, lse), res
 
 
-def _flash_bwd(mask_fn, scale, block_q, block_kv, kv_len, q_offset, interpret, res, cts):
+def _flash_bwd(mask_fn, scale, block_q, block_kv, kv_len, q_offset, interpret, forward_kernel, res,
+               cts):
+  del forward_kernel
   q, k, v, out, lse, kv_indices, kv_counts, kv_full, q_indices, q_counts, q_full = res
   d_out, d_lse = cts
   dq, dk, dv = bsa.block_sparse_attention_bwd(
@@ -166,12 +183,14 @@ def attend_pallas(q, k, v, *, mask: Mask | None = None, layout: BlockLayout | No
                   score_mod=None, scale: float | None = None, segment_ids=None, kv_segment_ids=None,
                   q_offset=0, kv_valid_len=None, return_lse: bool = False,
                   interpret: bool | None = None, block_q: int | None = None,
-                  block_kv: int | None = None):
+                  block_kv: int | None = None, forward_kernel: str = "auto"):
   """attend() through the Pallas kernels; differentiable in q, k, v (custom VJP).
 
   Args: as lcjax.attention.attend; plus
     interpret: run the kernels in interpret mode (default: when the backend is not a GPU).
     block_q, block_kv: tile sizes for mask-only calls (a layout brings its own).
+    forward_kernel: "auto" (Mosaic GPU on Hopper where it applies, else Triton), "triton" or
+      "mosaic" (for benchmarks and tests).
   Returns:
     out [B, Tq, Hq, D] in q.dtype, and with return_lse the float32 lse [B, Hq, Tq].
   """
@@ -199,8 +218,11 @@ def attend_pallas(q, k, v, *, mask: Mask | None = None, layout: BlockLayout | No
   tq, tk = layout.num_q_blocks * block_q, layout.num_kv_blocks * block_kv
   pad = lambda x, t: jnp.pad(x, ((0, 0), (0, t - x.shape[1]), (0, 0), (0, d_pad - head_dim)))
   qp, kp, vp = pad(q, tq), pad(k, tk), pad(v, tk)
-  out, lse = _flash(qp, kp, vp, *fwd_tables, *bwd_tables, mask, scale, block_q, block_kv, kv_len,
-                    q_offset, bool(interpret))
+  if forward_kernel not in FORWARD_KERNELS:
+    raise ValueError(f"forward_kernel={forward_kernel!r}; accepted: {FORWARD_KERNELS}")
+  mask_fn = None if isinstance(mask, masks_lib.Full) else mask
+  out, lse = _flash(qp, kp, vp, *fwd_tables, *bwd_tables, mask_fn, scale, block_q, block_kv, kv_len,
+                    q_offset, bool(interpret), forward_kernel)
   out = out[:, :q_len, :, :head_dim]
   lse = lse[:, :, :q_len]
   return (out, lse) if return_lse else out

@@ -1,0 +1,247 @@
+"""Block-sparse flash attention forward for Hopper, in Pallas Mosaic GPU.
+
+FlashAttention-3's shape (the idioms of jax/experimental/pallas/ops/gpu/attention_mgpu.py): a CTA
+owns one 128-row query block, split over two compute warpgroups of 64 rows that issue warpgroup
+MMAs (wgmma) on swizzled shared memory, and a third, memory warpgroup that streams the key/value
+blocks of the query block's list into a ring of shared-memory slots with TMA, one barrier per
+slot for "loaded" and one for "consumed". A schedule barrier staggers the two compute warpgroups
+so that one's softmax overlaps the other's matrix products.
+
+Block sparsity: the memory warpgroup reads the key-block index of each step from the table in
+global memory. The tables are reordered so that the fully visible blocks come first: the compute
+warpgroups run those with no element mask and the rest with `mask_fn` and the key-length bound.
+
+Shapes: q [B, Tq, Hq, D], k and v [B, Tk, Hkv, D], Tq and Tk multiples of 128 (the caller pads),
+D 64 or 128, bf16 or fp16; tables as in block_sparse_attention.py with block_q = block_kv = 128.
+Returns out [B, Tq, Hq, D] and lse float32 [B, Hq, Tq] (natural log, -inf for empty rows).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
+
+from pallas_kernels.gpu import block_sparse_attention as bsa
+
+BLOCK_Q = 128            # rows per CTA (= the layout's block_q), 64 per compute warpgroup
+BLOCK_KV = 128           # keys per step (= the layout's block_kv)
+COMPUTE_WGS = 2
+M_INIT = -1e30           # finite running-max start: fully masked rows keep p = 0, never NaN
+
+
+def supports(q, k, v, *, block_q: int, block_kv: int) -> bool:
+  """Whether this kernel serves the call (Hopper GPU, dtypes, head_dim, block sizes)."""
+  if jax.default_backend() != "gpu":
+    return False
+  try:
+    if "9.0" not in getattr(jax.devices()[0], "compute_capability", ""):
+      return False
+  except Exception:  # pylint: disable=broad-except
+    return False
+  return (block_q == BLOCK_Q and block_kv == BLOCK_KV and q.shape[-1] in (64, 128)
+          and q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype and v.dtype == q.dtype)
+
+
+def full_blocks_first(kv_indices, kv_counts, kv_full):
+  """Reorders each row of the tables so that fully visible blocks come first.
+
+  Softmax accumulation does not depend on the order of key blocks. Returns (indices, counts,
+  n_full) with n_full int32 [..., 1] the number of leading fully visible blocks.
+  """
+  width = kv_indices.shape[-1]
+  pos = jnp.arange(width, dtype=jnp.int32)
+  valid = pos < kv_counts
+  full = (kv_full != 0) & valid
+  # Stable order: full blocks, then partial ones, then padding (which repeats a valid index).
+  key = jnp.where(full, 0, jnp.where(valid, 1, 2)) * width + pos
+  order = jnp.argsort(key, axis=-1)
+  indices = jnp.take_along_axis(kv_indices, order, axis=-1)
+  n_full = full.sum(-1, keepdims=True).astype(jnp.int32)
+  return indices, kv_counts, n_full
+
+
+def _kernel(idx_ref, cnt_ref, nfull_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, mask_fn,
+            scale, kv_len, q_offset, head_dim, dtype, q_heads, table_batch, table_heads, group,
+            max_steps):
+  batch = lax.axis_index("batch")
+  q_head = lax.axis_index("heads")
+  q_block = lax.axis_index("q_seq")
+  wg_idx = lax.axis_index("wg")
+  (qo_smem2, k_smem, v_smem, lse_smem2), (k_barriers, v_barriers, q_barriers), consumed, sched = scoped
+  k_consumed_barriers, v_consumed_barriers = consumed
+  block_q = BLOCK_Q // COMPUTE_WGS
+  tb = batch if table_batch > 1 else 0
+  th = q_head * table_heads // q_heads
+  rows = (tb, th, q_block)
+  count = cnt_ref[(*rows, 0)]
+
+  def schedule_barrier():
+    plgpu.barrier_arrive(sched)
+    plgpu.barrier_wait(sched)
+
+  @pl.when(wg_idx < COMPUTE_WGS)
+  def _compute_wg():
+    plgpu.set_max_registers(232, action="increase")
+    qo_smem = qo_smem2.at[wg_idx]
+    lse_smem = lse_smem2.at[wg_idx]
+    q_base = q_block * BLOCK_Q + wg_idx * block_q
+    n_full = nfull_ref[(*rows, 0)]
+    plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_base, block_q), q_head], qo_smem,
+                            q_barriers.at[wg_idx])
+    plgpu.barrier_wait(q_barriers.at[wg_idx])
+    m_i = plgpu.layout_cast(jnp.full((block_q,), M_INIT, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    l_i = plgpu.layout_cast(jnp.full((block_q,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
+
+    @pl.when(count > 0)
+    def _():
+      plgpu.barrier_wait(k_barriers.at[0])
+
+    pl.when(wg_idx == 1)(schedule_barrier)
+    c = scale * math.log2(math.e)    # logits kept in base 2: exp2 by FMA
+
+    def kv_step(step, carry, masked: bool):
+      acc, m_i, l_i = carry
+      slot = lax.rem(step, jnp.array(max_steps, step.dtype))
+
+      def compute_qk(acc_ref):
+        plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+        schedule_barrier()
+        return acc_ref[...]
+      qk = pl.run_scoped(compute_qk, plgpu.ACC((block_q, BLOCK_KV), jnp.float32))
+      plgpu.barrier_arrive(k_consumed_barriers.at[slot])
+      if masked:
+        kb = idx_ref[(*rows, step)]
+        q_ids = plgpu.broadcasted_iota(jnp.int32, (block_q, BLOCK_KV), 0, layout=plgpu.Layout.WGMMA)
+        kv_ids = plgpu.broadcasted_iota(jnp.int32, (block_q, BLOCK_KV), 1, layout=plgpu.Layout.WGMMA)
+        q_ids = q_ids + (q_base + q_offset)
+        kv_ids = kv_ids + kb * BLOCK_KV
+        ok = kv_ids < kv_len
+        if mask_fn is not None:
+          ok = ok & mask_fn(q_ids, kv_ids)
+        qk = jnp.where(ok, qk, -jnp.inf)
+      m_ij = jnp.maximum(m_i, qk.max(axis=1) * c)
+      alpha = jnp.exp2(m_i - m_ij)
+      m_i = m_ij
+      p = jnp.exp2(qk * c - lax.broadcast_in_dim(m_ij, qk.shape, [0]))
+      acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+      l_i *= alpha
+      p16 = p.astype(dtype)
+
+      def end_softmax_barriers():
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(v_barriers.at[slot])
+        plgpu.barrier_wait(sched)
+      if head_dim <= 128:
+        l_i += p.sum(axis=1)
+        acc, l_i, m_i, p16 = lax.optimization_barrier((acc, l_i, m_i, p16))
+        end_softmax_barriers()
+      else:
+        end_softmax_barriers()
+        l_i += p.sum(axis=1)
+
+      def compute_pv(acc_ref):
+        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+        wait_step = step + 1
+        wait_slot = lax.rem(wait_step, jnp.array(max_steps, step.dtype))
+
+        @pl.when(wait_step < count)
+        def _wait():
+          plgpu.barrier_wait(k_barriers.at[wait_slot])
+      acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+      plgpu.barrier_arrive(v_consumed_barriers.at[slot])
+      return acc, m_i, l_i
+
+    carry = lax.fori_loop(0, n_full, functools.partial(kv_step, masked=False), (acc, m_i, l_i))
+    acc, m_i, l_i = lax.fori_loop(n_full, count, functools.partial(kv_step, masked=True), carry)
+    pl.when(wg_idx == 0)(schedule_barrier)
+
+    # Rows that saw no key have l = 0 and acc = 0: max() keeps them at 0 instead of NaN.
+    acc /= lax.broadcast_in_dim(jnp.maximum(l_i, 1e-30), (block_q, head_dim), [0])
+    qo_smem[...] = acc.astype(dtype)
+    lse_smem[...] = m_i + jnp.log2(l_i)        # base 2; the wrapper converts and marks empty rows
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[batch, pl.ds(q_base, block_q), q_head])
+    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, q_head, pl.ds(q_base, block_q)])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg_idx == COMPUTE_WGS)
+  def _memory_wg():
+    plgpu.set_max_registers(40, action="decrease")
+    kv_head = lax.div(q_head, jnp.array(group, q_head.dtype))
+
+    def issue(step, slot):
+      kb = idx_ref[(*rows, step)]
+      s = (batch, pl.ds(kb * BLOCK_KV, BLOCK_KV), kv_head)
+      plgpu.copy_gmem_to_smem(k_ref.at[s], k_smem.at[slot], k_barriers.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[s], v_smem.at[slot], v_barriers.at[slot])
+
+    for i in range(max_steps):
+      pl.when(i < count)(functools.partial(issue, i, i))
+
+    @pl.loop(0, jnp.maximum(count - max_steps, 0))
+    def _loop(step):
+      slot = lax.rem(step, jnp.array(max_steps, step.dtype))
+      plgpu.barrier_wait(k_consumed_barriers.at[slot])
+      plgpu.barrier_wait(v_consumed_barriers.at[slot])
+      issue(step + max_steps, slot)
+
+
+@functools.partial(jax.jit, static_argnames=("mask_fn", "scale", "kv_len", "q_offset",
+                                             "max_concurrent_steps", "interpret"))
+def block_sparse_attention_fwd(q, k, v, kv_indices, kv_counts, kv_full, *, mask_fn, scale: float,
+                               kv_len: int, q_offset: int = 0, max_concurrent_steps: int = 2,
+                               interpret: bool = False):
+  """Forward pass; tables in the [Bt, Ht, nQ, W] format of block_sparse_attention.py.
+
+  interpret: run on the CPU in Mosaic GPU's interpreter (plgpu.InterpretGPUParams), for tests.
+  """
+  batch, q_len, q_heads, head_dim = q.shape
+  kv_heads = k.shape[2]
+  dtype = q.dtype
+  indices, counts, n_full = full_blocks_first(kv_indices, kv_counts, kv_full)
+  max_steps = max(2, min(max_concurrent_steps, k.shape[1] // BLOCK_KV))
+  block_q = BLOCK_Q // COMPUTE_WGS
+  kernel = functools.partial(
+      _kernel, mask_fn=mask_fn, scale=scale, kv_len=kv_len, q_offset=q_offset, head_dim=head_dim,
+      dtype=dtype, q_heads=q_heads, table_batch=indices.shape[0], table_heads=indices.shape[1],
+      group=q_heads // kv_heads, max_steps=max_steps)
+
+  def entry(idx_ref, cnt_ref, nfull_ref, q_ref, k_ref, v_ref, out_ref, lse_ref):
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    scratch = (
+        plgpu.SMEM((COMPUTE_WGS, block_q, head_dim), dtype, transforms=transforms),
+        plgpu.SMEM((max_steps, BLOCK_KV, head_dim), dtype, transforms=transforms),
+        plgpu.SMEM((max_steps, BLOCK_KV, head_dim), dtype, transforms=transforms),
+        plgpu.SMEM((COMPUTE_WGS, block_q), jnp.float32),
+    )
+    pl.run_scoped(
+        lambda *args: kernel(idx_ref, cnt_ref, nfull_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
+                             args),
+        scratch,
+        (plgpu.Barrier(num_barriers=max_steps), plgpu.Barrier(num_barriers=max_steps),
+         plgpu.Barrier(num_barriers=COMPUTE_WGS)),
+        (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=max_steps),) * 2,
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS),
+        collective_axes="wg",
+    )
+
+  out, lse2 = plgpu.kernel(
+      entry,
+      out_type=[jax.ShapeDtypeStruct(q.shape, dtype),
+                jax.ShapeDtypeStruct((batch, q_heads, q_len), jnp.float32)],
+      grid=(q_heads, q_len // BLOCK_Q, batch),
+      grid_names=("heads", "q_seq", "batch"),
+      num_threads=COMPUTE_WGS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+  )(indices, counts, n_full, q, k, v)
+  lse = jnp.where(lse2 < 0.5 * M_INIT, -jnp.inf, lse2 / bsa.LOG2E)
+  return out, lse
