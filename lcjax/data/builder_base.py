@@ -72,7 +72,10 @@ def prepare(builder_cls: type[tfds.core.GeneratorBasedBuilder], config: tfds.cor
   Writing is done by TFDS into a temporary directory renamed on completion, so an interrupted
   build leaves nothing that a later call would mistake for a finished one.
   """
-  builder = builder_cls(config=config, data_dir=str(data_dir), file_format="array_record")
+  # TFDS refuses a config object that is not the registered one under the same name.
+  registered = {c.name for c in builder_cls.BUILDER_CONFIGS}
+  chosen = config.name if config.name in registered else config
+  builder = builder_cls(config=chosen, data_dir=str(data_dir), file_format="array_record")
   if not builder.is_prepared():
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))

@@ -162,7 +162,7 @@ def make_train_dataset(source: Sequence[dict], *, seq_len: int, batch_size: int,
                        shard_index: int = 0, shard_count: int = 1, shuffle: bool = True,
                        num_epochs: int | None = None, pack: bool = True, loss_on: str = "all",
                        add_bos: bool = True, add_eos: bool = False,
-                       num_packing_bins: int | None = None,
+                       num_packing_bins: int | None = None, shuffle_window: int = 128,
                        read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
   """The training pipeline as a grain IterDataset of batches (see make_train_iterator)."""
   seq_len = _check_int(seq_len, "seq_len", 1)
@@ -175,6 +175,7 @@ def make_train_dataset(source: Sequence[dict], *, seq_len: int, batch_size: int,
                      f"shard_count={shard_count}")
   if num_epochs is not None:
     num_epochs = _check_int(num_epochs, "num_epochs", 1)
+  shuffle_window = _check_int(shuffle_window, "shuffle_window", 1)
   if loss_on not in LOSS_ON:
     raise ValueError(f"loss_on={loss_on!r} is invalid; accepted: {LOSS_ON}")
   if len(source) < shard_count:
@@ -190,6 +191,9 @@ def make_train_dataset(source: Sequence[dict], *, seq_len: int, batch_size: int,
   it = ds.to_iter_dataset(read_options)
   it = grain.experimental.FlatMapIterDataset(
       it, _ToWindows(seq_len=seq_len, loss_on=loss_on, add_bos=add_bos, add_eos=add_eos))
+  if shuffle and shuffle_window > 1:
+    # The windows of one long document come out together; spread them over many batches.
+    it = grain.experimental.WindowShuffleIterDataset(it, window_size=shuffle_window, seed=seed)
   if pack:
     bins = batch_size if num_packing_bins is None else _check_int(num_packing_bins,
                                                                    "num_packing_bins", 1)
@@ -206,7 +210,7 @@ def make_train_iterator(source: Sequence[dict], *, seq_len: int, batch_size: int
                         shard_index: int = 0, shard_count: int = 1, shuffle: bool = True,
                         num_epochs: int | None = None, pack: bool = True, loss_on: str = "all",
                         add_bos: bool = True, add_eos: bool = False,
-                        num_packing_bins: int | None = None,
+                        num_packing_bins: int | None = None, shuffle_window: int = 128,
                         read_options: grain.ReadOptions | None = None):
   """A checkpointable iterator of training batches (format in the module docstring).
 
@@ -236,4 +240,4 @@ def make_train_iterator(source: Sequence[dict], *, seq_len: int, batch_size: int
       source, seq_len=seq_len, batch_size=batch_size, seed=seed, shard_index=shard_index,
       shard_count=shard_count, shuffle=shuffle, num_epochs=num_epochs, pack=pack,
       loss_on=loss_on, add_bos=add_bos, add_eos=add_eos, num_packing_bins=num_packing_bins,
-      read_options=read_options))
+      shuffle_window=shuffle_window, read_options=read_options))
