@@ -178,3 +178,13 @@ def test_build_dataset_errors(data_dir):
     D.build_dataset("passkey", "train", data_dir, no_such_option=1)
   with pytest.raises(ValueError, match="no_such_dataset_xyz"):
     D.build_dataset("no_such_dataset_xyz", "train", data_dir)
+
+
+def test_empty_split_is_not_built(data_dir):
+  kwargs = dict(PASSKEY, num_train=0, num_test=0, depths=(0.0, 1.0), num_validation=12)
+  source = D.build_dataset("passkey", "validation", data_dir, **kwargs)
+  cells = [(int(source[i]["context_length"]), float(source[i]["depth"])) for i in range(12)]
+  assert sorted(set(cells)) == [(l, d) for l in PASSKEY["lengths"] for d in (0.0, 1.0)]
+  assert all(cells.count(c) == 2 for c in set(cells))
+  with pytest.raises(ValueError, match="split='train'"):
+    D.build_dataset("passkey", "train", data_dir, **kwargs)

@@ -209,3 +209,33 @@ def test_text_eval_batches_first_window_with_positions():
       assert np.all(b["loss_mask"][row] == 1)
   records = list(evaluation.iter_examples(docs, limit=3))
   assert [r["example_index"] for r in records] == [0, 1, 2]
+
+
+def test_mqar_answer_loss_marks_the_values(data_dir):
+  source = D.build_dataset("mqar", "train", data_dir, lengths=(64,), num_kv_pairs=4,
+                           vocab_size=32, num_train=6, num_validation=2, num_test=2)
+  batch = next(D.make_train_iterator(source, seq_len=64, batch_size=6, seed=0, pack=False,
+                                     loss_on="answer", shuffle=False))
+  for row in range(6):
+    r = source[row]
+    np.testing.assert_array_equal(np.flatnonzero(batch["loss_mask"][row]), r["answer_positions"])
+    # The input at a scored position is the queried key, its target the key's value.
+    keys = batch["tokens"][row, r["answer_positions"]]
+    table = dict(zip(r["tokens"][0:8:2].tolist(), r["tokens"][1:8:2].tolist()))
+    assert [table[k] for k in keys.tolist()] == batch["targets"][row, r["answer_positions"]].tolist()
+
+
+def test_orbax_checkpoint_of_the_iterator(tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  import grain  # pylint: disable=g-import-not-at-top
+  docs = _documents(16, seed=9)
+  kwargs = dict(seq_len=16, batch_size=2, seed=3)
+  it = D.make_train_iterator(docs, **kwargs)
+  _take(it, 4)
+  manager = ocp.CheckpointManager(str(tmp_path / "ckpt"), item_names=("data",))
+  manager.save(4, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+  manager.wait_until_finished()
+  expected = _take(it, 3)
+  fresh = D.make_train_iterator(docs, **kwargs)
+  manager.restore(4, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+  _assert_batches_equal(_take(fresh, 3), expected)

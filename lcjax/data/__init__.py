@@ -86,7 +86,8 @@ def build_dataset(name: str, split: str, data_dir: str | None = None, **task_kwa
     builder = build_builder(name, data_dir, **task_kwargs)
     splits = tuple(builder.info.splits.keys())
     if split not in splits:
-      raise ValueError(f"split={split!r} is not a split of {name!r}; accepted: {splits}")
+      raise ValueError(f"split={split!r} is not a split of {name!r} with these task_kwargs "
+                       f"(splits asked to hold 0 examples are not built); accepted: {splits}")
     return builder.as_data_source(split=split)
   if task_kwargs:
     raise ValueError(f"task_kwargs={task_kwargs!r} given for catalog dataset {name!r}; "
@@ -97,7 +98,8 @@ def build_dataset(name: str, split: str, data_dir: str | None = None, **task_kwa
     raise ValueError(
         f"name={name!r} is neither an lcjax dataset {TASKS} nor a TFDS catalog dataset "
         f"available under data_dir={data_dir!r} in array_record format ({type(e).__name__}: "
-        f"{e})") from e
+        f"{e}). Catalog builders that need TensorFlow (e.g. pg19) can only be prepared where "
+        "tensorflow and the internet are available.") from e
 
 
 __all__ = [

@@ -75,8 +75,18 @@ def prepare(builder_cls: type[tfds.core.GeneratorBasedBuilder], config: tfds.cor
   # TFDS refuses a config object that is not the registered one under the same name.
   registered = {c.name for c in builder_cls.BUILDER_CONFIGS}
   chosen = config.name if config.name in registered else config
-  builder = builder_cls(config=chosen, data_dir=str(data_dir), file_format="array_record")
+  def make():
+    return builder_cls(config=chosen, data_dir=str(data_dir), file_format="array_record")
+
+  builder = make()
   if not builder.is_prepared():
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    try:
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    except Exception:
+      # Another process (another host, or the evaluator) may have finished the same build
+      # first and won the final rename; its result is as good as ours.
+      builder = make()
+      if not builder.is_prepared():
+        raise
   return builder

@@ -131,6 +131,9 @@ def passkey_config(*, lengths=(256, 512, 1024), depths=None, digits: int = 5,
                 num_validation=builder_base.check_count(num_validation, "num_validation"),
                 num_test=builder_base.check_count(num_test, "num_test"),
                 seed=builder_base.check_count(seed, "seed"))
+  builder_base.require(params["num_train"] + params["num_validation"] + params["num_test"] > 0,
+                       "num_train + num_validation + num_test",
+                       params["num_train"] + params["num_validation"] + params["num_test"], "> 0")
   name = builder_base.config_name(f"len{min(lengths)}-{max(lengths)}_d{digits}", params)
   return PasskeyConfig(name=name, description=f"passkey retrieval {params}", **params)
 
@@ -176,7 +179,11 @@ class LcjaxPasskey(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
-    return {split: self._generate_examples(split) for split in builder_base.SPLIT_IDS}
+    # TFDS cannot write an empty split: a split asked to hold 0 examples is left out.
+    config = self.builder_config
+    counts = {"train": config.num_train, "validation": config.num_validation,
+              "test": config.num_test}
+    return {split: self._generate_examples(split) for split, n in counts.items() if n > 0}
 
   def _generate_examples(self, split: str):
     yield from generate_split(self.builder_config, split)

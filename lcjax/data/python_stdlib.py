@@ -83,15 +83,21 @@ def python_stdlib_config(*, root: str | None = None, validation_fraction: float 
   return PythonStdlibConfig(name=name, description=f"Python stdlib sources {params}", **params)
 
 
-def generate_split(config: PythonStdlibConfig, split: str):
-  """Yields (key, record) for every file of `split`, in sorted path order."""
+def split_files(config: PythonStdlibConfig) -> dict[str, list[tuple[int, str]]]:
+  """(index in the sorted list, relative path) of the files of each split."""
   files = list_stdlib_files(config.root)
   if config.max_files is not None:
     files = files[:config.max_files]
-  root = pathlib.Path(config.root)
+  out = {"train": [], "validation": []}
   for i, rel in enumerate(files):
-    if split_of(rel, config.validation_fraction) != split:
-      continue
+    out[split_of(rel, config.validation_fraction)].append((i, rel))
+  return out
+
+
+def generate_split(config: PythonStdlibConfig, split: str):
+  """Yields (key, record) for every file of `split`, in sorted path order."""
+  root = pathlib.Path(config.root)
+  for i, rel in split_files(config)[split]:
     data = (root / rel).read_bytes()
     yield i, {"tokens": np.frombuffer(data, dtype=np.uint8),
               "path": rel, "num_bytes": np.int32(len(data))}
@@ -117,7 +123,9 @@ class LcjaxPythonStdlib(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
-    return {split: self._generate_examples(split) for split in ("train", "validation")}
+    # TFDS cannot write an empty split (a few max_files may all fall in train).
+    files = split_files(self.builder_config)
+    return {split: self._generate_examples(split) for split in files if files[split]}
 
   def _generate_examples(self, split: str):
     yield from generate_split(self.builder_config, split)
