@@ -188,3 +188,17 @@ def test_empty_split_is_not_built(data_dir):
   assert all(cells.count(c) == 2 for c in set(cells))
   with pytest.raises(ValueError, match="split='train'"):
     D.build_dataset("passkey", "train", data_dir, **kwargs)
+
+
+def test_byte_tokenized_source_feeds_the_pipeline():
+  texts = ["alpha beta", "déjà", ""]
+  source = D.ByteTokenizedSource([{"book_text": t.encode(), "id": i} for i, t in enumerate(texts)],
+                                 "book_text")
+  assert len(source) == 3
+  for i, t in enumerate(texts):
+    assert tokenizer.decode(source[i]["tokens"]) == t and source[i]["id"] == i
+  with pytest.raises(ValueError, match="text_key"):
+    D.ByteTokenizedSource([{"text": b"x"}], "book_text")[0]
+  batch = next(D.make_train_iterator(source, seq_len=8, batch_size=2, seed=0, shuffle=False,
+                                     pack=False))
+  assert tokenizer.decode(batch["targets"][0]) == "alpha be"

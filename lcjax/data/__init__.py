@@ -27,6 +27,7 @@ from lcjax.data.evaluation import task_eval_batches
 from lcjax.data.evaluation import text_eval_batches
 from lcjax.data.pipeline import make_train_dataset
 from lcjax.data.pipeline import make_train_iterator
+from lcjax.data.text_source import ByteTokenizedSource
 from lcjax.data.tokenizer import BOS_ID
 from lcjax.data.tokenizer import decode
 from lcjax.data.tokenizer import encode
@@ -75,7 +76,8 @@ def build_dataset(name: str, split: str, data_dir: str | None = None, **task_kwa
       accept TFDS split strings.
     data_dir: where datasets are cached (default: default_data_dir()).
     **task_kwargs: parameters of the lcjax dataset (see its config factory), e.g. lengths,
-      depths, digits, num_train, seed for "passkey".
+      depths, digits, num_train, seed for "passkey". For a catalog dataset only text_key:
+      the text feature to byte-tokenize into "tokens" (e.g. text_key="book_text" for pg19).
 
   Returns:
     A sequence: len(source) records, source[i] a dict of numpy arrays (and bytes for text
@@ -89,21 +91,23 @@ def build_dataset(name: str, split: str, data_dir: str | None = None, **task_kwa
       raise ValueError(f"split={split!r} is not a split of {name!r} with these task_kwargs "
                        f"(splits asked to hold 0 examples are not built); accepted: {splits}")
     return builder.as_data_source(split=split)
+  text_key = task_kwargs.pop("text_key", None)
   if task_kwargs:
     raise ValueError(f"task_kwargs={task_kwargs!r} given for catalog dataset {name!r}; "
-                     "accepted: none (catalog datasets are read as they are)")
+                     "accepted: only text_key (the text feature to byte-tokenize)")
   try:
-    return tfds.data_source(name, split=split, data_dir=data_dir)
+    source = tfds.data_source(name, split=split, data_dir=data_dir)
   except Exception as e:  # tfds raises many kinds: not found, not prepared, no network
     raise ValueError(
         f"name={name!r} is neither an lcjax dataset {TASKS} nor a TFDS catalog dataset "
         f"available under data_dir={data_dir!r} in array_record format ({type(e).__name__}: "
         f"{e}). Catalog builders that need TensorFlow (e.g. pg19) can only be prepared where "
         "tensorflow and the internet are available.") from e
+  return source if text_key is None else ByteTokenizedSource(source, text_key)
 
 
 __all__ = [
-    "BOS_ID", "EOS_ID", "PAD_ID", "PADDED_VOCAB_SIZE", "TASKS", "VOCAB_SIZE", "build_builder",
+    "BOS_ID", "ByteTokenizedSource", "EOS_ID", "PAD_ID", "PADDED_VOCAB_SIZE", "TASKS", "VOCAB_SIZE", "build_builder",
     "build_dataset", "decode", "default_data_dir", "encode", "iter_examples", "make_train_dataset",
     "make_train_iterator", "task_eval_batches", "text_eval_batches",
 ]

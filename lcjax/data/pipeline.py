@@ -93,7 +93,7 @@ class _ToWindows(grain.experimental.FlatMapTransform):
   loss_on: str
   add_bos: bool
   add_eos: bool
-  max_fan_out: int = 2**31 - 1  # documents may be long; the iterator version does not buffer
+  max_fan_out: int = 2**31 - 1  # required by FlatMap; FlatMapIterDataset does not bound it
 
   def flat_map(self, record: dict) -> Sequence[dict[str, np.ndarray]]:
     example = shift_example(record, loss_on=self.loss_on, add_bos=self.add_bos,
