@@ -74,7 +74,7 @@ def test_passkey_answer_in_text_at_depth(data_dir, depths):
     tokens, digits = r["tokens"], int(r["answer_length"])
     key = f"{int(r['passkey']):0{digits}d}"
     text = tokenizer.decode(tokens)
-    assert len(tokens) == int(r["context_length"]) and int(r["context_length"]) in PASSKEY["lengths"]
+    assert len(tokens) == int(r["context_length"]) in PASSKEY["lengths"]
     assert digits == PASSKEY["digits"]
     assert text.endswith(passkey.QUESTION + key)
     start = int(r["answer_start"])

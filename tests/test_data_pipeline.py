@@ -222,7 +222,8 @@ def test_mqar_answer_loss_marks_the_values(data_dir):
     # The input at a scored position is the queried key, its target the key's value.
     keys = batch["tokens"][row, r["answer_positions"]]
     table = dict(zip(r["tokens"][0:8:2].tolist(), r["tokens"][1:8:2].tolist()))
-    assert [table[k] for k in keys.tolist()] == batch["targets"][row, r["answer_positions"]].tolist()
+    values = batch["targets"][row, r["answer_positions"]].tolist()
+    assert [table[k] for k in keys.tolist()] == values
 
 
 def test_orbax_checkpoint_of_the_iterator(tmp_path):

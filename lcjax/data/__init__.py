@@ -107,7 +107,8 @@ def build_dataset(name: str, split: str, data_dir: str | None = None, **task_kwa
 
 
 __all__ = [
-    "BOS_ID", "ByteTokenizedSource", "EOS_ID", "PAD_ID", "PADDED_VOCAB_SIZE", "TASKS", "VOCAB_SIZE", "build_builder",
-    "build_dataset", "decode", "default_data_dir", "encode", "iter_examples", "make_train_dataset",
-    "make_train_iterator", "task_eval_batches", "text_eval_batches",
+    "BOS_ID", "ByteTokenizedSource", "EOS_ID", "PAD_ID", "PADDED_VOCAB_SIZE", "TASKS",
+    "VOCAB_SIZE", "build_builder", "build_dataset", "decode", "default_data_dir", "encode",
+    "iter_examples", "make_train_dataset", "make_train_iterator", "task_eval_batches",
+    "text_eval_batches",
 ]

@@ -74,7 +74,8 @@ def passkey_example(passkey: int, *, length: int, depth: float, digits: int) -> 
   """
   builder_base.require(isinstance(digits, (int, np.integer)) and digits >= 1, "digits", digits,
                        "an int >= 1")
-  builder_base.require(0 <= passkey < 10**digits, "passkey", passkey, f"0 <= passkey < 10**{digits}")
+  builder_base.require(0 <= passkey < 10**digits, "passkey", passkey,
+                       f"0 <= passkey < 10**{digits}")
   builder_base.require(length >= min_length(digits), "length", length,
                        f">= {min_length(digits)} (needle + question + answer for digits={digits})")
   builder_base.require(0.0 <= depth <= 1.0, "depth", depth, "a float in [0, 1]")
