@@ -49,18 +49,20 @@ def test_quantized_decode_matches_dequantized_reference(bits, q_len, value_group
   np.testing.assert_allclose(lse, ref_lse, atol=3e-5, rtol=3e-5)
 
 
-def test_quantized_decode_bf16_close_to_full_precision():
-  q, k, v = _inputs(9)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_decode_bf16_close_to_full_precision(bits):
+  # 16-bit queries take the float16 magic-number path for the codes.
+  q, k, v = _inputs(9 + bits)
   lengths = jnp.array([64, 30, 7], jnp.int32)
-  kv = dq.quantize_kv(k, v, bits=8, key_group=32, value_group=16)
+  kv = dq.quantize_kv(k, v, bits=bits, key_group=32, value_group=16)
   out = dq.quantized_decode_attention(q.astype(jnp.bfloat16), kv, lengths, block_k=32, num_splits=2,
                                       interpret=True)
   kd, vd = dq.dequantize_kv(kv)
   ref, _ = _reference(q, kd, vd, lengths)
   err = np.linalg.norm(np.asarray(out, np.float32) - ref) / np.linalg.norm(ref)
   assert out.dtype == jnp.bfloat16 and err < 1e-2
-  full, _ = _reference(q, k, v, lengths)                 # int8 stays close to the unquantised cache
-  assert np.linalg.norm(np.asarray(out, np.float32) - full) / np.linalg.norm(full) < 3e-2
+  full, _ = _reference(q, k, v, lengths)                 # and close to the unquantised cache
+  assert np.linalg.norm(np.asarray(out, np.float32) - full) / np.linalg.norm(full) < (3e-2 if bits == 8 else 0.3)
 
 
 def test_bad_groups_raise():

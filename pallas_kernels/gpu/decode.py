@@ -256,7 +256,8 @@ def decode_attention(q, k, v, lengths, block_indices=None, block_counts=None, *,
       interpret=interpret,
       name="lcjax_sparse_decode" if sparse else "lcjax_decode",
   )(*args)
-  out, lse = merge_splits(o, lse)
+  n = q_len * (q_heads // kv_heads)         # drop the padding rows before the merge reads them
+  out, lse = merge_splits(o[..., :n, :], lse[..., :n])
   out = unpack_rows(out, q_len, q_heads).astype(q.dtype)
   if return_lse:
     return out, jnp.moveaxis(unpack_rows(lse, q_len, q_heads), 1, 2)

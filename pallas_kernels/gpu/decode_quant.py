@@ -126,15 +126,31 @@ def dequantize_kv(kv: QuantizedKV, dtype=jnp.float32):
   return k.astype(dtype), v.astype(dtype)
 
 
+# fp16 with exponent bits 0x6400 is 1024.0; OR-ing an integer c < 1024 into its mantissa gives
+# exactly 1024 + c. This turns codes into fp16 with integer ops only (the int->float conversion
+# unit is the bottleneck otherwise); the constant 1024 is folded into a per-row correction.
+_MAGIC_BITS = 0x6400
+_MAGIC = 1024.0
+
+
+def _codes_to_float(codes, dtype):
+  """uint8 codes -> dtype: exact `1024 + c` for float16 (magic number), exact `c` for float32."""
+  if dtype == jnp.float16:
+    return lax.bitcast_convert_type(codes.astype(jnp.uint16) | _MAGIC_BITS, jnp.float16)
+  return codes.astype(dtype)
+
+
 def _quant_decode_kernel(len_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, o_ref, lse_ref,
                          *, scale, block_k, num_splits, group, q_len, bits, key_group, value_group):
   b, split = pl.program_id(0), pl.program_id(2)
   rows, head_dim = q_ref.shape
+  cdt = q_ref.dtype                       # float16 (magic-number codes) or float32
+  offset = _MAGIC if cdt == jnp.float16 else 0.0
   parts = 8 // bits                       # nibbles per byte
   width = head_dim // parts               # channels per part = bytes per row
   length = len_ref[b]
   qpos = query_positions(length, rows, group, q_len)
-  q_parts = [q_ref[:, pl.ds(p * width, width)] for p in range(parts)]
+  q_parts = [q_ref[:, pl.ds(p * width, width)].astype(jnp.float32) for p in range(parts)]
   lo, hi = split_range((length + block_k - 1) // block_k, num_splits, split)
   f32 = lambda x: x.astype(jnp.float32)
 
@@ -147,19 +163,23 @@ def _quant_decode_kernel(len_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref,
     start = pl.multiple_of(i * block_k, block_k)
     g = start // key_group
     raw_k = kc_ref[pl.ds(start, block_k), :]                        # [bk, width] uint8
+    # k = c * ks + kz per channel: q.k = (q * ks) . c + q . kz, so the tile is never rescaled.
     s = None
+    bias = None
     for p in range(parts):
       ks = f32(ks_ref[g, pl.ds(p * width, width)])
       kz = f32(kz_ref[g, pl.ds(p * width, width)])
-      k = (f32(nibble(raw_k, p)) * ks[None, :] + kz[None, :]).astype(q_ref.dtype)
-      sp = plgpu.dot(q_parts[p], k, trans_b=True)
+      qk = (q_parts[p] * ks[None, :]).astype(cdt)
+      sp = plgpu.dot(qk, _codes_to_float(nibble(raw_k, p), cdt), trans_b=True)
+      bp = jnp.sum(q_parts[p] * kz[None, :] - offset * f32(qk), axis=1)
       s = sp if s is None else s + sp
-    s = s * scale
+      bias = bp if bias is None else bias + bp
+    s = (s + bias[:, None]) * scale
     kpos = start + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
     mask = kpos <= qpos[:, None]
 
     def v_dot(pr):
-      pr = pr.astype(q_ref.dtype)
+      # v = c * vs + vz per token (per channel group): p @ v = (p * vs) @ c + p . vz.
       outs = [None] * (head_dim // value_group)
       for gi in range(width // value_group):                      # byte groups
         raw_v = vc_ref[pl.ds(start, block_k), pl.ds(gi * value_group, value_group)]
@@ -167,8 +187,9 @@ def _quant_decode_kernel(len_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref,
           col = p * (width // value_group) + gi                     # channel group index
           vs = f32(vs_ref[pl.ds(start, block_k), col])
           vz = f32(vz_ref[pl.ds(start, block_k), col])
-          v = (f32(nibble(raw_v, p)) * vs[:, None] + vz[:, None]).astype(q_ref.dtype)
-          outs[col] = plgpu.dot(pr, v)
+          ps = (pr * vs[None, :]).astype(cdt)
+          corr = jnp.sum(pr * vz[None, :] - offset * f32(ps), axis=1)
+          outs[col] = plgpu.dot(ps, _codes_to_float(nibble(raw_v, p), cdt)) + corr[:, None]
       return tuple(outs)
 
     return online_softmax_step(carry, s, mask, v_dot)
@@ -187,7 +208,8 @@ def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | No
   """Decode attention of q [B, T, Hq, D] (bf16/f16/f32) over a QuantizedKV cache.
 
   Same contract as pallas_kernels.gpu.decode.decode_attention; block_k must divide the key
-  group (default min(128, key_group)). The dots run in q.dtype on the dequantised tiles.
+  group (default min(128, key_group)). Scales are folded into the query / probability side, so
+  the codes go to the tensor cores unscaled (float16 for bf16/fp16 queries, float32 otherwise).
   """
   batch, q_len, q_heads, head_dim = q.shape
   capacity, kv_heads = kv.k_codes.shape[1], kv.k_codes.shape[2]
@@ -204,7 +226,8 @@ def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | No
     raise ValueError(f"block_k={bk} must divide key_group={key_group} and capacity={capacity}")
   scale = head_dim ** -0.5 if scale is None else scale
   splits = num_splits or default_num_splits(batch, kv_heads, capacity // bk)
-  qp, rows = pack_queries(q, kv_heads)
+  # Dots run in float16 for 16-bit queries (codes become fp16 exactly), float32 for float32.
+  qp, rows = pack_queries(q.astype(jnp.float32 if q.dtype == jnp.float32 else jnp.float16), kv_heads)
   kernel = functools.partial(
       _quant_decode_kernel, scale=scale, block_k=bk, num_splits=splits, group=q_heads // kv_heads,
       q_len=q_len, bits=bits, key_group=key_group, value_group=value_group)
@@ -223,7 +246,8 @@ def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | No
       interpret=interpret,
       name=f"lcjax_int{bits}_decode",
   )(lengths.astype(jnp.int32), qp, *kv)
-  out, lse = merge_splits(o, lse)
+  n = q_len * (q_heads // kv_heads)         # drop the padding rows before the merge reads them
+  out, lse = merge_splits(o[..., :n, :], lse[..., :n])
   out = unpack_rows(out, q_len, q_heads).astype(q.dtype)
   if return_lse:
     return out, jnp.moveaxis(unpack_rows(lse, q_len, q_heads), 1, 2)
