@@ -104,9 +104,9 @@ class EvictingKVCache:
   def compress(self):
     """Keeps budgets[h] tokens per head, compacted into slots [0, budget).
 
-    Returns (cache, evicted): evicted bool [B, C, Hkv] marks slots (in the new order) whose token
-    was just dropped; their k, v, pos are still readable in the returned arrays until the next
-    write (MiKV and RazorAttention collect them).
+    Returns (cache, evicted_pos): evicted_pos int32 [B, C, Hkv] is the position of the token a slot
+    (in the new order) held before it was just dropped, -1 elsewhere; the dropped tokens' k, v stay
+    readable in the returned arrays until the next write (MiKV and RazorAttention collect them).
     """
     valid = self.pos >= 0
     pri = self.policy.priority(self).astype(jnp.float32)
@@ -120,7 +120,7 @@ class EvictingKVCache:
     k, v, pos, score, valid = take(self.k), take(self.v), take(self.pos), take(self.score), take(valid)
     keep = valid & (jnp.arange(k.shape[1])[None, :, None] < jnp.asarray(self.budgets)[None, None, :])
     cache = dataclasses.replace(self, k=k, v=v, pos=jnp.where(keep, pos, -1), score=jnp.where(keep, score, 0.0))
-    return cache, valid & ~keep
+    return cache, jnp.where(valid & ~keep, pos, -1)
 
   def write(self, k_new, v_new, num_new):
     """Writes the T new tokens into the headroom slots [max_budget, max_budget + T)."""

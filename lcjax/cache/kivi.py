@@ -148,8 +148,11 @@ class KIVIKVCache:
                      put(old_b, bfac[:, None], gi))
     return dataclasses.replace(self, **upd)
 
-  def dequantized(self):
-    """(k, v) float32 [B, C, Hkv, D]: what attention reads (quantized below qb, ring above)."""
+  def dequantized(self, q_len: int = 0):
+    """(k, v) float32 [B, C, Hkv, D]: what attention reads: dequantized codes below
+    qb = quantized_len(lengths), the full-precision ring above. With q_len, the last q_len tokens
+    (the chunk being attended) are read from the ring even if already quantized: the paper computes
+    a chunk's attention before quantizing it."""
     g = self.group_size
     k = quant.dequantize(quant.unpack(self.kq, self.bits), jnp.repeat(self.k_scale, g, 1),
                          jnp.repeat(self.k_zero, g, 1))
@@ -162,12 +165,13 @@ class KIVIKVCache:
         k, v = (k + corr, v) if name == "k_lr" else (k, v + corr)
     pos = jnp.arange(self.capacity)
     ring = lambda x: jnp.take(x, pos % x.shape[1], axis=1).astype(jnp.float32)
-    quantized = (pos[None, :] < self.quantized_len(self.lengths)[:, None])[..., None, None]
+    qb = jnp.minimum(self.quantized_len(self.lengths), self.lengths - q_len)
+    quantized = (pos[None, :] < qb[:, None])[..., None, None]
     return jnp.where(quantized, k, ring(self.k_fp)), jnp.where(quantized, v, ring(self.v_fp))
 
   def attend(self, q, *, scale: float | None = None, implementation: str = "xla"):
     # KERNEL HOOK: a quantized decode kernel would read codes + scales and dequantize in-register.
-    k, v = self.dequantized()
+    k, v = self.dequantized(q.shape[1])
     out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask=masks.causal(), scale=scale,
                  q_offset=self.lengths - q.shape[1], kv_valid_len=self.lengths, implementation=implementation)
     return jnp.where((self.lengths > self.capacity)[:, None, None, None], jnp.nan, out)

@@ -1,0 +1,88 @@
+"""A dense KV store read through per-block summaries: the shared base of Quest and landmark caches.
+
+Every token is kept (retrieval saves reads, not memory); keys are grouped in blocks of block_size
+positions, each with a summary. At a decode step (T == 1) each query head scores the blocks from
+their summaries, reads the `top_blocks` best plus the `local_blocks` most recent, and runs exact
+attention over those blocks only. Prefill chunks (T > 1) attend densely (causal), as the papers do.
+A subclass defines the summaries (`summarize`) and the block score (`block_scores`).
+
+KERNEL HOOK: the selected blocks form a per-head block list; a block-sparse decode kernel
+(lcjax/attention/decode_backend.py) can read exactly those blocks instead of masking all of them.
+Capacity: positions >= capacity cannot be stored: those sequences' outputs become NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from lcjax.attention import attend, masks
+from lcjax.cache.dense import write_rows
+from lcjax.cache.slots import attend_slots, resolve_num_new
+
+
+def block_valid(lengths, num_blocks: int, block_size: int):
+  """bool [B, nB]: the block holds at least one written token."""
+  return jnp.arange(num_blocks)[None] * block_size < lengths[:, None]
+
+
+def select_blocks(scores, lengths, block_size: int, top_blocks: int, local_blocks: int):
+  """bool [B, Hq, nB]: the top_blocks best-scoring valid blocks plus the local_blocks most recent.
+
+  scores: float32 [B, Hq, nB].
+  """
+  nb = scores.shape[-1]
+  valid = block_valid(lengths, nb, block_size)[:, None]
+  last = (lengths - 1) // block_size
+  local = (jnp.arange(nb)[None] > (last - local_blocks)[:, None]) & (jnp.arange(nb)[None] <= last[:, None])
+  s = jnp.where(valid, scores, -jnp.inf)
+  s = jnp.where(local[:, None], jnp.inf, s)
+  k = min(top_blocks + local_blocks, nb)
+  kth = jax.lax.top_k(s, k)[0][..., -1:]
+  return (s >= kth) & valid
+
+
+class BlockRetrievalCache:
+  """Mixin: subclasses are registered dataclasses with fields k, v, lengths (plus their
+  summaries) and static block_size, top_blocks, local_blocks."""
+
+  def summarize(self, k, lengths):
+    raise NotImplementedError
+
+  def block_scores(self, q):
+    """float32 [B, Hq, nB] for a decode query q [B, 1, Hq, D]."""
+    raise NotImplementedError
+
+  @property
+  def num_blocks(self) -> int:
+    return self.k.shape[1] // self.block_size
+
+  def update(self, k_new, v_new, *, q=None, num_new=None):
+    del q
+    num_new = resolve_num_new(self.lengths, k_new.shape[1], num_new)
+    k = write_rows(self.k, k_new.astype(self.k.dtype), self.lengths)
+    v = write_rows(self.v, v_new.astype(self.v.dtype), self.lengths)
+    lengths = self.lengths + num_new
+    # Recomputed from all keys for clarity; an incremental update only touches the written blocks.
+    return dataclasses.replace(self, k=k, v=v, lengths=lengths, **self.summarize(k, lengths))
+
+  def selected_blocks(self, q):
+    return select_blocks(self.block_scores(q), self.lengths, self.block_size, self.top_blocks,
+                         self.local_blocks)
+
+  def attend(self, q, *, scale: float | None = None, implementation: str = "xla"):
+    poison = self.lengths > self.k.shape[1]
+    if q.shape[1] > 1:
+      out = attend(q, self.k, self.v, mask=masks.causal(), scale=scale, q_offset=self.lengths - q.shape[1],
+                   kv_valid_len=self.lengths, implementation=implementation)
+      return jnp.where(poison[:, None, None, None], jnp.nan, out)
+    chosen = self.selected_blocks(q)                                   # [B, Hq, nB]
+    bs = self.block_size
+
+    def visible(b, hq, q_pos, slot):
+      return chosen[b, hq, slot // bs] & (slot <= q_pos)
+
+    return attend_slots(q, self.k, self.v, visible, self.lengths, scale=scale, poison=poison,
+                        implementation=implementation)
