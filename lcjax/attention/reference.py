@@ -69,8 +69,9 @@ def attention_reference(q, k, v, *, mask: Mask | None = None, layout: BlockLayou
   kv_len, kv_heads = k.shape[1], k.shape[2]
   group = q_heads // kv_heads
   scale = head_dim ** -0.5 if scale is None else scale
+  acc = jnp.promote_types(q.dtype, jnp.float32)       # statistics in float32 (float64 stays float64)
   qg = q.reshape(batch, q_len, kv_heads, group, head_dim)
-  s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
+  s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=acc)
   s = s.reshape(batch, q_heads, q_len, kv_len) * scale
   if score_mod is not None:
     q_off = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (batch,))
@@ -87,7 +88,7 @@ def attention_reference(q, k, v, *, mask: Mask | None = None, layout: BlockLayou
   l = jnp.sum(p, axis=-1, keepdims=True)
   p = p / jnp.where(l == 0, 1.0, l)                       # empty rows: all-zero weights, not NaN
   pg = p.reshape(batch, kv_heads, group, q_len, kv_len).astype(v.dtype)
-  out = jnp.einsum("bhgqk,bkhd->bqhgd", pg, v, preferred_element_type=jnp.float32)
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", pg, v, preferred_element_type=acc)
   out = out.reshape(batch, q_len, q_heads, v.shape[-1]).astype(q.dtype)
   if return_lse:
     lse = jnp.where(l[..., 0] > 0, m_safe[..., 0] + jnp.log(jnp.where(l[..., 0] > 0, l[..., 0], 1.0)), -jnp.inf)

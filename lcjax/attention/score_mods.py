@@ -57,8 +57,8 @@ class Alibi:
     if scores.shape[1] != len(self.slopes):
       raise ValueError(f"alibi: {len(self.slopes)} slopes for {scores.shape[1]} query heads; "
                        "accepted: one slope per query head")
-    slope = jnp.asarray(self.slopes, jnp.float32)[h]
-    return scores + slope * (kv_idx - q_idx).astype(jnp.float32)
+    slope = jnp.asarray(self.slopes, scores.dtype)[h]
+    return scores + slope * (kv_idx - q_idx).astype(scores.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
