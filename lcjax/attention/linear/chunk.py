@@ -17,6 +17,8 @@ and the final state is exact at token T - 1 (padding would decay it further).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -44,6 +46,8 @@ def _chunk_step(state: LinearAttentionState, q, k, v, log_lam, normalize, eps):
   return new_state, common.normalize_output(num, den, normalize, eps)
 
 
+@functools.partial(jax.jit,
+                   static_argnames=("chunk_size", "normalize", "eps", "return_final_state"))
 def chunk_linear_attention(phi_q, phi_k, v, *, chunk_size: int = 64, decay=None,
                            normalize: bool = True, eps: float = 1e-6,
                            initial_state: LinearAttentionState | None = None,

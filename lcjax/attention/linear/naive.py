@@ -5,11 +5,15 @@ The oracle that chunk.py, noncausal.py and recurrent.py are tested against, writ
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 from lcjax.attention.linear import common
 
 
+@functools.partial(jax.jit, static_argnames=("causal", "normalize", "eps"))
 def naive_linear_attention(phi_q, phi_k, v, *, causal: bool = True, decay=None,
                            normalize: bool = True, eps: float = 1e-6):
   """out_i = sum_j a_ij v_j [/ sum_j a_ij], a_ij = (phi_q_i . phi_k_j) decay ** (i - j).
@@ -41,6 +45,7 @@ def naive_linear_attention(phi_q, phi_k, v, *, causal: bool = True, decay=None,
   return out.reshape(*phi_q.shape[:3], v.shape[-1]).astype(v.dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("causal", "normalize", "eps"))
 def naive_rpe_linear_attention(phi_q, phi_k, v, rel_bias, *, causal: bool = False,
                                normalize: bool = True, eps: float = 1e-6):
   """Kernelized attention with relative positions, quadratic: a_ij = phi_q_i . phi_k_j

@@ -5,11 +5,15 @@ Katharopoulos et al. 2020, "Transformers are RNNs"; Performer's bidirectional FA
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 from lcjax.attention.linear import common
 
 
+@functools.partial(jax.jit, static_argnames=("normalize", "eps"))
 def noncausal_linear_attention(phi_q, phi_k, v, *, normalize: bool = True, eps: float = 1e-6,
                                kv_mask=None):
   """Every query sees every key; Tq and Tk may differ (cross-attention).

@@ -10,6 +10,8 @@ state after the last token, so a prefill by chunks continues with recurrent_step
 
 from __future__ import annotations
 
+import functools
+
 from typing import NamedTuple
 
 import jax
@@ -64,6 +66,7 @@ def recurrent_step(state: LinearAttentionState, phi_q, phi_k, v, *, decay=None,
   return out.astype(v.dtype), LinearAttentionState(kv, z)
 
 
+@functools.partial(jax.jit, static_argnames=("normalize", "eps"))
 def recurrent_linear_attention(phi_q, phi_k, v, *, state: LinearAttentionState | None = None,
                                decay=None, normalize: bool = True, eps: float = 1e-6, valid=None):
   """recurrent_step over T tokens with lax.scan (flash-linear-attention's fused_recurrent).

@@ -14,6 +14,9 @@ Memory is O(T F Dv) per head (the paper's cost too).
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 from lcjax.attention.linear import common
@@ -42,6 +45,7 @@ def toeplitz_matmul(coeffs, x):
   return y[..., :t, :]
 
 
+@functools.partial(jax.jit, static_argnames=("causal", "normalize", "eps"))
 def rpe_linear_attention(phi_q, phi_k, v, rel_bias, *, causal: bool = False,
                          normalize: bool = True, eps: float = 1e-6):
   """Kernelized attention with a relative positional bias, O(T log T) (module docstring).
