@@ -1,0 +1,123 @@
+"""Glue from lcjax's caches to the GPU decode and linear-attention kernels (issue 5).
+
+What a cache's `attend` calls. Each function takes `implementation`: "pallas" (the kernels in
+pallas_kernels.gpu; on a CPU they run only with interpret=True), "xla" (the references, the CPU
+fallback), or "auto" (Pallas on a GPU backend, else XLA).
+
+  decode_attend(q, k, v, lengths, layout=None)        dense or block-sparse cache
+  quantized_decode_attend(q, kv, lengths)             QuantizedKV (int8 / int4, KIVI-style)
+  quantize_kv(k, v, bits=, key_group=, value_group=)  -> QuantizedKV (re-exported)
+  linear_attention(q, k, v, log_decay)                chunked causal linear attention (prefill)
+  linear_attention_decode_step(state, q, k, v, log_decay)  recurrent step on a linear state
+
+Conventions as in lcjax.cache.base: q [B, T, Hq, D] are the last T tokens written, at positions
+lengths - T .. lengths - 1; k, v [B, C, Hkv, D]; lengths int32 [B]. Each query sees the keys at
+or before its own position (causal among the T new tokens) and below lengths.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lcjax.attention import linear_reference
+from lcjax.attention.layout import BlockLayout
+from lcjax.attention.masks import causal
+from lcjax.attention.reference import attention_reference
+from pallas_kernels.gpu import decode as decode_kernels
+from pallas_kernels.gpu import decode_quant
+from pallas_kernels.gpu import linear as linear_kernels
+from pallas_kernels.gpu.decode_quant import QuantizedKV, dequantize_kv, quantize_kv  # noqa: F401
+
+IMPLEMENTATIONS = ("auto", "pallas", "xla")
+
+
+def _use_pallas(implementation: str, interpret: bool) -> bool:
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {implementation!r}")
+  if implementation == "auto":
+    return jax.default_backend() == "gpu" or interpret
+  return implementation == "pallas"
+
+
+def layout_block_lists(layout: BlockLayout, batch: int, q_heads: int, kv_heads: int, capacity: int):
+  """A decode BlockLayout (one query block) -> (block_indices [B, Hkv, n], block_counts [B, Hkv]).
+
+  The layout's heads must be 1 or kv_heads (all query heads of a KV head share its blocks, so K/V
+  are read once); its batch 1 or B. kv_full is not needed: the causal / fill-level mask is
+  always applied inside the visited blocks.
+  """
+  if layout.num_q_blocks != 1:
+    raise ValueError(f"decode layouts need one query block; got block_q={layout.block_q}, "
+                     f"q_len={layout.q_len} ({layout.num_q_blocks} blocks)")
+  if layout.kv_len != capacity:
+    raise ValueError(f"layout.kv_len={layout.kv_len} must equal the cache capacity {capacity}")
+  lb, lh = layout.kv_counts.shape[:2]
+  if lh not in (1, kv_heads):
+    raise ValueError(f"layout heads {lh} must be 1 or kv_heads={kv_heads} for decode "
+                     f"(q_heads={q_heads}: per-query-head layouts would re-read K/V)")
+  if lb not in (1, batch):
+    raise ValueError(f"layout batch {lb} must be 1 or the batch size {batch}")
+  idx = jnp.broadcast_to(layout.kv_indices[:, :, 0], (batch, kv_heads, layout.kv_indices.shape[-1]))
+  cnt = jnp.broadcast_to(layout.kv_counts[:, :, 0], (batch, kv_heads))
+  return idx, cnt
+
+
+def decode_attend(q, k, v, lengths, *, layout: BlockLayout | None = None, scale: float | None = None,
+                  return_lse: bool = False, implementation: str = "auto", interpret: bool = False,
+                  **kernel_options):
+  """Causal decode attention of q [B, T, Hq, D] over a dense cache k, v [B, C, Hkv, D].
+
+  layout: optional BlockLayout with one query block (block_q >= T) listing the key blocks each
+    (batch, kv head) visits (Quest / landmark / top-k retrieval); block_kv must divide C.
+  kernel_options: block_k, num_splits, num_warps, num_stages (see pallas_kernels.gpu.decode).
+  Returns out [B, T, Hq, D] in q.dtype (and float32 lse [B, Hq, T] with return_lse).
+  """
+  lengths = jnp.asarray(lengths, jnp.int32)
+  if _use_pallas(implementation, interpret):
+    args = ()
+    if layout is not None:
+      args = layout_block_lists(layout, q.shape[0], q.shape[2], k.shape[2], k.shape[1])
+      kernel_options = dict(kernel_options, block_size=layout.block_kv)
+    return decode_kernels.decode_attention(q, k, v, lengths, *args, scale=scale, interpret=interpret,
+                                           return_lse=return_lse, **kernel_options)
+  return attention_reference(q, k, v, mask=causal(), layout=layout, scale=scale,
+                             q_offset=lengths - q.shape[1], kv_valid_len=lengths, return_lse=return_lse)
+
+
+def quantized_decode_attend(q, kv: QuantizedKV, lengths, *, scale: float | None = None,
+                            return_lse: bool = False, implementation: str = "auto",
+                            interpret: bool = False, **kernel_options):
+  """Causal decode attention over a QuantizedKV cache (dequantised inside the kernel)."""
+  lengths = jnp.asarray(lengths, jnp.int32)
+  if _use_pallas(implementation, interpret):
+    return decode_quant.quantized_decode_attention(q, kv, lengths, scale=scale, interpret=interpret,
+                                                   return_lse=return_lse, **kernel_options)
+  k, v = dequantize_kv(kv, q.dtype)
+  return attention_reference(q, k, v, mask=causal(), scale=scale, q_offset=lengths - q.shape[1],
+                             kv_valid_len=lengths, return_lse=return_lse)
+
+
+def linear_attention(q, k, v, log_decay=None, *, scale: float | None = None, return_state: bool = False,
+                     implementation: str = "auto", interpret: bool = False, **kernel_options):
+  """Chunked causal linear attention (see pallas_kernels.gpu.linear); differentiable in q, k, v.
+
+  With return_state also the float32 state [B, H, Dk, Dv] after the last token, which
+  linear_attention_decode_step continues from.
+  """
+  if _use_pallas(implementation, interpret):
+    return linear_kernels.linear_attention(q, k, v, log_decay, scale=scale, return_state=return_state,
+                                           interpret=interpret, **kernel_options)
+  if return_state:
+    return linear_reference.linear_attention_recurrent(q, k, v, log_decay=log_decay, scale=scale)
+  return linear_reference.linear_attention_reference(q, k, v, log_decay=log_decay, scale=scale)
+
+
+def linear_attention_decode_step(state, q, k, v, log_decay=None, *, scale: float | None = None,
+                                 implementation: str = "auto", interpret: bool = False, **kernel_options):
+  """One recurrent step: q, k [B, H, Dk], v [B, H, Dv], state float32 [B, H, Dk, Dv] -> (out, state)."""
+  if _use_pallas(implementation, interpret):
+    return linear_kernels.linear_attention_decode_step(state, q, k, v, log_decay, scale=scale,
+                                                       interpret=interpret, **kernel_options)
+  return linear_reference.linear_attention_decode_step_reference(state, q, k, v, log_decay=log_decay,
+                                                                 scale=scale)
