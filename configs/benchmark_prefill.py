@@ -14,7 +14,7 @@ def get_config():
       sparse_seq=32768, sparse_densities=[0.05, 0.10, 0.25], sparse_backward=True,
       # Baselines beside lcjax: cudnn, xla (<= xla_max_seq), jax_triton (jax ops.gpu.attention),
       # jax_mgpu (jax ops.gpu.attention_mgpu forward, no softmax scale: timing only).
-      baselines=["cudnn", "xla", "jax_triton", "jax_mgpu"],
+      baselines=["cudnn", "xla", "jax_triton"],
       lcjax_kernels=["auto", "triton"],
       xla_max_seq=16384,
       check_seq=4096,      # correctness against the XLA reference at this length

@@ -67,7 +67,7 @@ def forward_fns(config, causal: bool, seq: int):
   for kernel in config["lcjax_kernels"]:
     fns[f"lcjax[{kernel}]"] = jax.jit(
         lambda q, k, v, kernel=kernel: attend_pallas(q, k, v, mask=mask, scale=scale,
-                                                     forward_kernel=kernel))
+                                                     kernel=kernel))
   if "cudnn" in config["baselines"]:
     fns["cudnn"] = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, scale=scale, is_causal=causal, implementation="cudnn"))
@@ -157,7 +157,7 @@ def main(argv=None):
                                 mask=mask)
       for kernel in config["lcjax_kernels"]:
         try:
-          out = attend_pallas(q, k, v, mask=mask, forward_kernel=kernel)
+          out = attend_pallas(q, k, v, mask=mask, kernel=kernel)
           print(f"check T={seq} causal={causal} lcjax[{kernel}] fwd rel err {rel_err(out, ref):.2e}",
                 flush=True)
         except Exception as e:  # pylint: disable=broad-except
@@ -216,18 +216,18 @@ def main(argv=None):
   full_flops = attention_flops(config, seq, False)
   dense = {}
   for kernel in config["lcjax_kernels"]:
-    fn = jax.jit(lambda q, k, v, kernel=kernel: attend_pallas(q, k, v, forward_kernel=kernel))
+    fn = jax.jit(lambda q, k, v, kernel=kernel: attend_pallas(q, k, v, kernel=kernel))
     dense[kernel] = dense_ms.get((seq, False), {}).get(f"lcjax[{kernel}]") or bench(fn, (q, k, v), samples, calls)
     if config["sparse_backward"]:
       dense[kernel, "bwd"] = bench(vjp_fn(lambda q, k, v, kernel=kernel: attend_pallas(
-          q, k, v, forward_kernel=kernel)), (q, k, v, do), samples, calls)
+          q, k, v, kernel=kernel)), (q, k, v, do), samples, calls)
   for density in config["sparse_densities"]:
     layout = random_block_layout(seq, config["heads"], density, 4)
     real = float(np.asarray(layout.density()).mean())
     flops = full_flops * real
     for kernel in config["lcjax_kernels"]:
       fn = jax.jit(lambda q, k, v, kernel=kernel, layout=layout: attend_pallas(
-          q, k, v, layout=layout, forward_kernel=kernel))
+          q, k, v, layout=layout, kernel=kernel))
       ms = bench(fn, (q, k, v), samples, calls)
       bound = 1.25 * real * dense[kernel]
       record(f"sparse fwd T={seq_name(seq)} d={real:.3f}", f"lcjax[{kernel}]", ms, flops,
@@ -235,7 +235,7 @@ def main(argv=None):
                   f"{'met' if ms <= bound else 'MISSED'}")
       if config["sparse_backward"]:
         ms = bench(vjp_fn(lambda q, k, v, kernel=kernel, layout=layout: attend_pallas(
-            q, k, v, layout=layout, forward_kernel=kernel)), (q, k, v, do), samples, calls)
+            q, k, v, layout=layout, kernel=kernel)), (q, k, v, do), samples, calls)
         bound = 1.5 * 1.25 * real * dense[kernel, "bwd"]
         record(f"sparse fwd+bwd T={seq_name(seq)} d={real:.3f}", f"lcjax[{kernel}]", ms, 3.5 * flops,
                note=f"target <= {bound:.3f} ms (1.5 x 1.25 x density x dense fwd+bwd "

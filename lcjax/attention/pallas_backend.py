@@ -1,8 +1,8 @@
 """Glue between attend() and the GPU Pallas kernels of pallas_kernels/gpu (issue 4).
 
 Turns a mask and/or a BlockLayout into the kernels' block tables, pads lengths and head_dim,
-picks the kernel (Mosaic GPU forward on Hopper where it applies, the Triton-lowered family
-elsewhere and for the backward pass) and wires the custom VJP. pallas_kernels never imports lcjax:
+picks the kernels (Mosaic GPU forward and backward on Hopper where they apply, the Triton-lowered
+family elsewhere) and wires the custom VJP. pallas_kernels never imports lcjax:
 only arrays, static block sizes and the mask (a hashable callable) cross the boundary.
 
 Dense masked attention is block-sparse attention over the layout the mask implies (to_layout,
@@ -28,7 +28,7 @@ from pallas_kernels.gpu import block_sparse_attention_mgpu as mgpu
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
-FORWARD_KERNELS = ("auto", "triton", "mosaic")
+KERNELS = ("auto", "triton", "mosaic")
 # Set to 1 to let attend(implementation="pallas") run the kernels in interpret mode on the CPU.
 INTERPRET_ENV = "LCJAX_PALLAS_INTERPRET"
 
@@ -135,19 +135,21 @@ def _mosaic_mask_ok(mask) -> bool:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12, 13, 14, 15, 16))
 def _flash(q, k, v, kv_indices, kv_counts, kv_full, q_indices, q_counts, q_full, mask_fn, scale,
-           block_q, block_kv, kv_len, q_offset, interpret, forward_kernel):
+           block_q, block_kv, kv_len, q_offset, interpret, kernel):
   del q_indices, q_counts, q_full
   return _forward(q, k, v, (kv_indices, kv_counts, kv_full), mask_fn, scale, block_q, block_kv,
-                  kv_len, q_offset, interpret, forward_kernel)
+                  kv_len, q_offset, interpret, kernel)
+
+
+def _use_mosaic(q, k, v, mask_fn, block_q, block_kv, interpret, kernel) -> bool:
+  if kernel == "auto" and not interpret:
+    return _mosaic_mask_ok(mask_fn) and mgpu.supports(q, k, v, block_q=block_q, block_kv=block_kv)
+  return kernel == "mosaic"
 
 
 def _forward(q, k, v, tables, mask_fn, scale, block_q, block_kv, kv_len, q_offset, interpret,
-             forward_kernel):
-  use_mosaic = forward_kernel == "mosaic"
-  if forward_kernel == "auto" and not interpret:
-    use_mosaic = (_mosaic_mask_ok(mask_fn) and
-                  mgpu.supports(q, k, v, block_q=block_q, block_kv=block_kv))
-  if use_mosaic:
+             kernel):
+  if _use_mosaic(q, k, v, mask_fn, block_q, block_kv, interpret, kernel):
     return mgpu.block_sparse_attention_fwd(q, k, v, *tables, mask_fn=mask_fn, scale=scale,
                                            kv_len=kv_len, q_offset=q_offset)
   return bsa.block_sparse_attention_fwd(q, k, v, *tables, mask_fn=mask_fn, scale=scale,
@@ -157,18 +159,22 @@ def _forward(q, k, v, tables, mask_fn, scale, block_q, block_kv, kv_len, q_offse
 
 
 def _flash_fwd(q, k, v, kv_indices, kv_counts, kv_full, q_indices, q_counts, q_full, mask_fn, scale,
-               block_q, block_kv, kv_len, q_offset, interpret, forward_kernel):
+               block_q, block_kv, kv_len, q_offset, interpret, kernel):
   out, lse = _forward(q, k, v, (kv_indices, kv_counts, kv_full), mask_fn, scale, block_q, block_kv,
-                      kv_len, q_offset, interpret, forward_kernel)
+                      kv_len, q_offset, interpret, kernel)
   res = (q, k, v, out, lse, kv_indices, kv_counts, kv_full, q_indices, q_counts, q_full)
   return (out, lse), res
 
 
-def _flash_bwd(mask_fn, scale, block_q, block_kv, kv_len, q_offset, interpret, forward_kernel, res,
+def _flash_bwd(mask_fn, scale, block_q, block_kv, kv_len, q_offset, interpret, kernel, res,
                cts):
-  del forward_kernel
   q, k, v, out, lse, kv_indices, kv_counts, kv_full, q_indices, q_counts, q_full = res
   d_out, d_lse = cts
+  if _use_mosaic(q, k, v, mask_fn, block_q, block_kv, interpret, kernel):
+    dq, dk, dv = mgpu.block_sparse_attention_bwd(
+        q, k, v, out, lse, d_out.astype(q.dtype), kv_indices, kv_counts, kv_full, q_indices,
+        q_counts, q_full, d_lse, mask_fn=mask_fn, scale=scale, kv_len=kv_len, q_offset=q_offset)
+    return dq, dk, dv, None, None, None, None, None, None
   dq, dk, dv = bsa.block_sparse_attention_bwd(
       q, k, v, out, lse, d_out.astype(q.dtype), kv_indices, kv_counts, kv_full, q_indices, q_counts,
       q_full, d_lse, mask_fn=mask_fn, scale=scale, block_q=block_q, block_kv=block_kv, kv_len=kv_len,
@@ -183,14 +189,14 @@ def attend_pallas(q, k, v, *, mask: Mask | None = None, layout: BlockLayout | No
                   score_mod=None, scale: float | None = None, segment_ids=None, kv_segment_ids=None,
                   q_offset=0, kv_valid_len=None, return_lse: bool = False,
                   interpret: bool | None = None, block_q: int | None = None,
-                  block_kv: int | None = None, forward_kernel: str = "auto"):
+                  block_kv: int | None = None, kernel: str = "auto"):
   """attend() through the Pallas kernels; differentiable in q, k, v (custom VJP).
 
   Args: as lcjax.attention.attend; plus
     interpret: run the kernels in interpret mode (default: when the backend is not a GPU).
     block_q, block_kv: tile sizes for mask-only calls (a layout brings its own).
-    forward_kernel: "auto" (Mosaic GPU on Hopper where it applies, else Triton), "triton" or
-      "mosaic" (for benchmarks and tests).
+    kernel: "auto" (Mosaic GPU kernels on Hopper where they apply, else the Triton-lowered
+      family), "triton" or "mosaic" (for benchmarks and tests); forward and backward alike.
   Returns:
     out [B, Tq, Hq, D] in q.dtype, and with return_lse the float32 lse [B, Hq, Tq].
   """
@@ -218,11 +224,11 @@ def attend_pallas(q, k, v, *, mask: Mask | None = None, layout: BlockLayout | No
   tq, tk = layout.num_q_blocks * block_q, layout.num_kv_blocks * block_kv
   pad = lambda x, t: jnp.pad(x, ((0, 0), (0, t - x.shape[1]), (0, 0), (0, d_pad - head_dim)))
   qp, kp, vp = pad(q, tq), pad(k, tk), pad(v, tk)
-  if forward_kernel not in FORWARD_KERNELS:
-    raise ValueError(f"forward_kernel={forward_kernel!r}; accepted: {FORWARD_KERNELS}")
+  if kernel not in KERNELS:
+    raise ValueError(f"kernel={kernel!r}; accepted: {KERNELS}")
   mask_fn = None if isinstance(mask, masks_lib.Full) else mask
   out, lse = _flash(qp, kp, vp, *fwd_tables, *bwd_tables, mask_fn, scale, block_q, block_kv, kv_len,
-                    q_offset, bool(interpret), forward_kernel)
+                    q_offset, bool(interpret), kernel)
   out = out[:, :q_len, :, :head_dim]
   lse = lse[:, :, :q_len]
   return (out, lse) if return_lse else out

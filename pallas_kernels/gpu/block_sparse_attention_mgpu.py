@@ -245,3 +245,271 @@ def block_sparse_attention_fwd(q, k, v, kv_indices, kv_counts, kv_full, *, mask_
   )(indices, counts, n_full, q, k, v)
   lse = jnp.where(lse2 < 0.5 * M_INIT, -jnp.inf, lse2 / bsa.LOG2E)
   return out, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward: one kernel for dQ (CTA = a 128-row query block, streaming its key blocks) and one for
+# dK/dV (CTA = a 128-key block, streaming the 64-row halves of the query blocks that visit it).
+# Each uses two compute warpgroups of 64 rows and a TMA memory warpgroup, like the forward.
+
+BWD_ROWS = 64            # rows per compute warpgroup, and query rows per dK/dV pipeline step
+
+
+def _issue_ring(count, max_steps, consumed, issue):
+  """Memory-warpgroup loop: fill the ring, then refill each slot once both consumers freed it."""
+  for i in range(max_steps):
+    pl.when(i < count)(functools.partial(issue, i, i))
+
+  @pl.loop(0, jnp.maximum(count - max_steps, 0))
+  def _loop(step):
+    slot = lax.rem(step, jnp.array(max_steps, step.dtype))
+    plgpu.barrier_wait(consumed.at[slot])
+    issue(step + max_steps, slot)
+
+
+def _wgmma_scoped(a, b, shape):
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a, b)
+    return acc_ref[...]
+  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def _wgmma_acc(acc, a, b):
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a, b)
+  return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+def _dq_kernel(idx_ref, cnt_ref, nfull_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+               smem, bars, consumed, *, mask_fn, scale, kv_len, q_offset, head_dim, dtype, q_heads, table_batch,
+               table_heads, group, max_steps):
+  batch = lax.axis_index("batch")
+  q_head = lax.axis_index("heads")
+  q_block = lax.axis_index("q_seq")
+  wg_idx = lax.axis_index("wg")
+  q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem = smem
+  q_bars, do_bars, lse_bars, delta_bars, k_bars, v_bars = bars
+  rows = (batch if table_batch > 1 else 0, q_head * table_heads // q_heads, q_block)
+  count = cnt_ref[(*rows, 0)]
+
+  @pl.when(wg_idx < COMPUTE_WGS)
+  def _compute_wg():
+    plgpu.set_max_registers(232, action="increase")
+    q_base = q_block * BLOCK_Q + wg_idx * BWD_ROWS
+    q_smem, do_smem = q_smem2.at[wg_idx], do_smem2.at[wg_idx]
+    sl = (batch, pl.ds(q_base, BWD_ROWS), q_head)
+    plgpu.copy_gmem_to_smem(q_ref.at[sl], q_smem, q_bars.at[wg_idx])
+    plgpu.copy_gmem_to_smem(do_ref.at[sl], do_smem, do_bars.at[wg_idx])
+    row_sl = (batch, q_head, pl.ds(q_base, BWD_ROWS))
+    plgpu.copy_gmem_to_smem(lse_ref.at[row_sl], lse_smem2.at[wg_idx], lse_bars.at[wg_idx])
+    plgpu.copy_gmem_to_smem(delta_ref.at[row_sl], delta_smem2.at[wg_idx], delta_bars.at[wg_idx])
+    for b in (q_bars, do_bars, lse_bars, delta_bars):
+      plgpu.barrier_wait(b.at[wg_idx])
+    lse = plgpu.load(lse_smem2.at[wg_idx], (), layout=plgpu.Layout.WGMMA.reduce(1))
+    delta = plgpu.load(delta_smem2.at[wg_idx], (), layout=plgpu.Layout.WGMMA.reduce(1))
+    n_full = nfull_ref[(*rows, 0)]
+    c = scale * math.log2(math.e)
+    shape = (BWD_ROWS, BLOCK_KV)
+
+    def step_fn(step, dq, masked: bool):
+      slot = lax.rem(step, jnp.array(max_steps, step.dtype))
+      plgpu.barrier_wait(k_bars.at[slot])
+      s = _wgmma_scoped(q_smem, k_smem.at[slot].transpose((1, 0)), shape) * c
+      if masked:
+        kb = idx_ref[(*rows, step)]
+        q_ids = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+        kv_ids = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+        q_ids = q_ids + (q_base + q_offset)
+        kv_ids = kv_ids + kb * BLOCK_KV
+        ok = kv_ids < kv_len
+        if mask_fn is not None:
+          ok = ok & mask_fn(q_ids, kv_ids)
+        s = jnp.where(ok, s, -jnp.inf)
+      p = jnp.exp2(s - lax.broadcast_in_dim(lse, shape, [0]))
+      plgpu.barrier_wait(v_bars.at[slot])
+      dp = _wgmma_scoped(do_smem, v_smem.at[slot].transpose((1, 0)), shape)
+      ds = p * (dp - lax.broadcast_in_dim(delta, shape, [0]))
+      dq = _wgmma_acc(dq, ds.astype(dtype), k_smem.at[slot])
+      plgpu.barrier_arrive(consumed.at[slot])
+      return dq
+
+    dq = plgpu.layout_cast(jnp.full((BWD_ROWS, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
+    dq = lax.fori_loop(0, n_full, functools.partial(step_fn, masked=False), dq)
+    dq = lax.fori_loop(n_full, count, functools.partial(step_fn, masked=True), dq)
+    q_smem[...] = (dq * scale).astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[sl])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg_idx == COMPUTE_WGS)
+  def _memory_wg():
+    plgpu.set_max_registers(40, action="decrease")
+    kv_head = lax.div(q_head, jnp.array(group, q_head.dtype))
+
+    def issue(step, slot):
+      kb = idx_ref[(*rows, step)]
+      s = (batch, pl.ds(kb * BLOCK_KV, BLOCK_KV), kv_head)
+      plgpu.copy_gmem_to_smem(k_ref.at[s], k_smem.at[slot], k_bars.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[s], v_smem.at[slot], v_bars.at[slot])
+    _issue_ring(count, max_steps, consumed, issue)
+
+
+def _dkv_kernel(idx_ref, cnt_ref, nfull_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
+                dv_ref, smem, bars, consumed, *, mask_fn, scale, kv_len, q_offset, head_dim, dtype, q_heads,
+                table_batch, table_heads, group, max_steps):
+  batch = lax.axis_index("batch")
+  q_head = lax.axis_index("heads")
+  kv_block = lax.axis_index("kv_seq")
+  wg_idx = lax.axis_index("wg")
+  k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem = smem
+  k_bars, v_bars, q_bars, do_bars, lse_bars, delta_bars = bars
+  rows = (batch if table_batch > 1 else 0, q_head * table_heads // q_heads, kv_block)
+  # Each query block of the list is streamed as two 64-row steps.
+  count = 2 * cnt_ref[(*rows, 0)]
+  kv_head = lax.div(q_head, jnp.array(group, q_head.dtype))
+
+  def q_rows(step):
+    if isinstance(step, int):
+      return idx_ref[(*rows, step // 2)] * BLOCK_Q + (step % 2) * BWD_ROWS
+    qb = idx_ref[(*rows, lax.div(step, jnp.array(2, step.dtype)))]
+    return qb * BLOCK_Q + lax.rem(step, jnp.array(2, step.dtype)) * BWD_ROWS
+
+  @pl.when(wg_idx < COMPUTE_WGS)
+  def _compute_wg():
+    plgpu.set_max_registers(232, action="increase")
+    kv_base = kv_block * BLOCK_KV + wg_idx * BWD_ROWS
+    k_smem, v_smem = k_smem2.at[wg_idx], v_smem2.at[wg_idx]
+    kv_sl = (batch, pl.ds(kv_base, BWD_ROWS), kv_head)
+    plgpu.copy_gmem_to_smem(k_ref.at[kv_sl], k_smem, k_bars.at[wg_idx])
+    plgpu.copy_gmem_to_smem(v_ref.at[kv_sl], v_smem, v_bars.at[wg_idx])
+    plgpu.barrier_wait(k_bars.at[wg_idx])
+    plgpu.barrier_wait(v_bars.at[wg_idx])
+    n_full = 2 * nfull_ref[(*rows, 0)]
+    c = scale * math.log2(math.e)
+    shape = (BWD_ROWS, BWD_ROWS)        # [keys, queries]
+
+    def step_fn(step, carry, masked: bool):
+      dk, dv = carry
+      slot = lax.rem(step, jnp.array(max_steps, step.dtype))
+      plgpu.barrier_wait(q_bars.at[slot])
+      plgpu.barrier_wait(lse_bars.at[slot])
+      s_t = _wgmma_scoped(k_smem, q_smem.at[slot].transpose((1, 0)), shape) * c
+      if masked:
+        kv_ids = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + kv_base
+        q_ids = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+        q_ids = q_ids + (q_rows(step) + q_offset)
+        ok = kv_ids < kv_len
+        if mask_fn is not None:
+          ok = ok & mask_fn(q_ids, kv_ids)
+        s_t = jnp.where(ok, s_t, -jnp.inf)
+      lse = plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+      p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse, shape, [1]))
+      plgpu.barrier_wait(do_bars.at[slot])
+      plgpu.barrier_wait(delta_bars.at[slot])
+      dv = _wgmma_acc(dv, p_t.astype(dtype), do_smem.at[slot])
+      dp_t = _wgmma_scoped(v_smem, do_smem.at[slot].transpose((1, 0)), shape)
+      delta = plgpu.load(delta_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+      ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, shape, [1]))
+      dk = _wgmma_acc(dk, ds_t.astype(dtype), q_smem.at[slot])
+      plgpu.barrier_arrive(consumed.at[slot])
+      return dk, dv
+
+    zeros = plgpu.layout_cast(jnp.full((BWD_ROWS, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
+    carry = lax.fori_loop(0, n_full, functools.partial(step_fn, masked=False), (zeros, zeros))
+    dk, dv = lax.fori_loop(n_full, count, functools.partial(step_fn, masked=True), carry)
+    k_smem[...] = (dk * scale).astype(dtype)
+    v_smem[...] = dv.astype(dtype)
+    plgpu.commit_smem()
+    out_sl = (batch, pl.ds(kv_base, BWD_ROWS), q_head)
+    plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[out_sl])
+    plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[out_sl])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg_idx == COMPUTE_WGS)
+  def _memory_wg():
+    plgpu.set_max_registers(40, action="decrease")
+
+    def issue(step, slot):
+      r = q_rows(step)
+      sl = (batch, pl.ds(r, BWD_ROWS), q_head)
+      row_sl = (batch, q_head, pl.ds(r, BWD_ROWS))
+      plgpu.copy_gmem_to_smem(q_ref.at[sl], q_smem.at[slot], q_bars.at[slot])
+      plgpu.copy_gmem_to_smem(lse_ref.at[row_sl], lse_smem.at[slot], lse_bars.at[slot])
+      plgpu.copy_gmem_to_smem(do_ref.at[sl], do_smem.at[slot], do_bars.at[slot])
+      plgpu.copy_gmem_to_smem(delta_ref.at[row_sl], delta_smem.at[slot], delta_bars.at[slot])
+    _issue_ring(count, max_steps, consumed, issue)
+
+
+@functools.partial(jax.jit, static_argnames=("mask_fn", "scale", "kv_len", "q_offset", "dq_steps",
+                                             "dkv_steps"))
+def block_sparse_attention_bwd(q, k, v, out, lse, do, kv_indices, kv_counts, kv_full, q_indices,
+                               q_counts, q_full, dlse=None, *, mask_fn, scale: float, kv_len: int,
+                               q_offset: int = 0, dq_steps: int = 2, dkv_steps: int = 4):
+  """Backward pass; arguments as block_sparse_attention.block_sparse_attention_bwd.
+
+  Returns dq [B, Tq, Hq, D], dk and dv [B, Tk, Hkv, D] in the input dtype. With GQA, dK/dV are
+  computed per query head (in the input dtype) and summed over the group in float32.
+  """
+  batch, q_len, q_heads, head_dim = q.shape
+  kv_len_padded, kv_heads = k.shape[1], k.shape[2]
+  group = q_heads // kv_heads
+  dtype = q.dtype
+  delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
+  if dlse is not None:
+    delta = delta - dlse.astype(jnp.float32)
+  # Base-2 lse; +inf on rows that saw nothing, so that their p = exp2(s - lse) is 0.
+  lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * bsa.LOG2E)
+  transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  common = dict(mask_fn=mask_fn, scale=scale, kv_len=kv_len, q_offset=q_offset, head_dim=head_dim,
+                dtype=dtype, q_heads=q_heads, group=group)
+  params = plgpu.CompilerParams(approx_math=True)
+
+  kv_idx, kv_cnt, kv_nfull = full_blocks_first(kv_indices, kv_counts, kv_full)
+  dq_steps = max(2, min(dq_steps, kv_len_padded // BLOCK_KV))
+  dq_kernel = functools.partial(_dq_kernel, table_batch=kv_idx.shape[0], table_heads=kv_idx.shape[1],
+                                max_steps=dq_steps, **common)
+  rows_smem = plgpu.SMEM((COMPUTE_WGS, BWD_ROWS, head_dim), dtype, transforms=transforms)
+  dq = plgpu.kernel(
+      dq_kernel,
+      out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+      scratch_types=[
+          (rows_smem, rows_smem, plgpu.SMEM((COMPUTE_WGS, BWD_ROWS), jnp.float32),
+           plgpu.SMEM((COMPUTE_WGS, BWD_ROWS), jnp.float32),
+           plgpu.SMEM((dq_steps, BLOCK_KV, head_dim), dtype, transforms=transforms),
+           plgpu.SMEM((dq_steps, BLOCK_KV, head_dim), dtype, transforms=transforms)),
+          (plgpu.Barrier(num_barriers=COMPUTE_WGS),) * 4 + (plgpu.Barrier(num_barriers=dq_steps),) * 2,
+          plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=dq_steps),
+      ],
+      grid=(q_heads, q_len // BLOCK_Q, batch),
+      grid_names=("heads", "q_seq", "batch"),
+      num_threads=COMPUTE_WGS + 1,
+      thread_name="wg",
+      compiler_params=params,
+  )(kv_idx, kv_cnt, kv_nfull, q, k, v, do, lse2, delta)
+
+  q_idx, q_cnt, q_nfull = full_blocks_first(q_indices, q_counts, q_full)
+  dkv_kernel = functools.partial(_dkv_kernel, table_batch=q_idx.shape[0], table_heads=q_idx.shape[1],
+                                 max_steps=dkv_steps, **common)
+  kv_smem = plgpu.SMEM((COMPUTE_WGS, BWD_ROWS, head_dim), dtype, transforms=transforms)
+  step_smem = plgpu.SMEM((dkv_steps, BWD_ROWS, head_dim), dtype, transforms=transforms)
+  dkv_shape = jax.ShapeDtypeStruct((batch, kv_len_padded, q_heads, head_dim), dtype)
+  dk, dv = plgpu.kernel(
+      dkv_kernel,
+      out_type=[dkv_shape, dkv_shape],
+      scratch_types=[
+          (kv_smem, kv_smem, step_smem, step_smem,
+           plgpu.SMEM((dkv_steps, BWD_ROWS), jnp.float32),
+           plgpu.SMEM((dkv_steps, BWD_ROWS), jnp.float32)),
+          (plgpu.Barrier(num_barriers=COMPUTE_WGS),) * 2 + (plgpu.Barrier(num_barriers=dkv_steps),) * 4,
+          plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=dkv_steps),
+      ],
+      grid=(q_heads, kv_len_padded // BLOCK_KV, batch),
+      grid_names=("heads", "kv_seq", "batch"),
+      num_threads=COMPUTE_WGS + 1,
+      thread_name="wg",
+      compiler_params=params,
+  )(q_idx, q_cnt, q_nfull, q, k, v, do, lse2, delta)
+  if group > 1:
+    dk = dk.reshape(batch, kv_len_padded, kv_heads, group, head_dim).astype(jnp.float32).sum(3)
+    dv = dv.reshape(batch, kv_len_padded, kv_heads, group, head_dim).astype(jnp.float32).sum(3)
+  return dq, dk.astype(k.dtype), dv.astype(v.dtype)
