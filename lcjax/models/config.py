@@ -30,8 +30,8 @@ class ModelConfig:
     qkv_bias: q, k and v projections have biases (Qwen2).
     tie_embeddings: the output projection is the token embedding's transpose.
     dtype: compute dtype ("float32", "bfloat16", "float16"); param_dtype: storage dtype of params.
-    attention: per-layer attention-method names (lcjax.models.attention_methods); None or a
-      single name means that method for every layer.
+    attention: per-layer attention-method names (lcjax.models.attention_methods), or a single
+      name for every layer; `layer_attention` gives the per-layer tuple either way.
     remat: recompute each layer's activations in the backward pass (jax.checkpoint).
   """
   vocab_size: int
@@ -50,7 +50,7 @@ class ModelConfig:
   tie_embeddings: bool = False
   dtype: str = "float32"
   param_dtype: str = "float32"
-  attention: tuple[str, ...] | str | None = None
+  attention: tuple[str, ...] | str = "dense"
   remat: bool = False
 
   def __post_init__(self):
@@ -79,17 +79,21 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in FLOAT_DTYPES:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; accepted: {FLOAT_DTYPES}")
-    attention = self.attention
-    if attention is None or isinstance(attention, str):
-      attention = ("dense" if attention is None else attention,) * self.n_layers
-    attention = tuple(attention)
-    if len(attention) != self.n_layers:
-      raise ValueError(f"ModelConfig.attention has {len(attention)} entries; accepted: one per layer "
-                       f"(n_layers={self.n_layers}) or a single name")
-    for name in attention:
+    if not isinstance(self.attention, str):
+      object.__setattr__(self, "attention", tuple(self.attention))   # hashable
+      if len(self.attention) != self.n_layers:
+        raise ValueError(f"ModelConfig.attention has {len(self.attention)} entries; accepted: one per layer "
+                         f"(n_layers={self.n_layers}) or a single name")
+    for name in self.layer_attention:
       if name not in ATTENTION_METHODS:
         raise ValueError(f"ModelConfig.attention contains {name!r}; accepted: {sorted(ATTENTION_METHODS)}")
-    object.__setattr__(self, "attention", attention)
+
+  @property
+  def layer_attention(self) -> tuple[str, ...]:
+    """The attention-method name of each layer."""
+    if isinstance(self.attention, str):
+      return (self.attention,) * self.n_layers
+    return self.attention
 
   @property
   def compute_dtype(self):

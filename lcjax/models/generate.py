@@ -82,8 +82,8 @@ def _generate(params, prompt_tokens, prompt_lengths, key, *, cfg, max_new_tokens
 
   out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
   state = (jnp.int32(0), caches, logits, out, jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32), key)
-  _, _, _, out, _, n_out, _ = jax.lax.while_loop(cond, body, state)
-  return {"tokens": out, "lengths": n_out}
+  steps, _, _, out, _, n_out, _ = jax.lax.while_loop(cond, body, state)
+  return {"tokens": out, "lengths": n_out, "steps": steps}
 
 
 def generate(params, cfg: ModelConfig, prompt_tokens, prompt_lengths, max_new_tokens: int, *, key,
@@ -106,7 +106,9 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_lengths, max_new_to
     pad_id: written after a sequence stops (and used to pad the prompt to whole chunks).
     cache_dtype: the caches' dtype, default cfg.dtype.
   Returns:
-    {"tokens": int32 [B, max_new_tokens], "lengths": int32 [B] tokens generated, stop included}.
+    {"tokens": int32 [B, max_new_tokens] (pad_id after a stop), "lengths": int32 [B] tokens
+    generated, stop included, "steps": int32 [] decode steps run (fewer than max_new_tokens
+    when every sequence stopped early)}.
   """
   prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
   prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)

@@ -140,7 +140,7 @@ def _decoder_layer(p, x, cos, sin, cache, num_new, segment_ids, *, cfg: ModelCon
     q, k, v = q + w("bq"), k + w("bk"), v + w("bv")
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
   if cache is None:
-    attn = attention_fn_for(cfg.attention[layer])(q, k, v, cfg=cfg, layer=layer, segment_ids=segment_ids)
+    attn = attention_fn_for(cfg.layer_attention[layer])(q, k, v, cfg=cfg, layer=layer, segment_ids=segment_ids)
   else:
     attn, cache = _attend_cached(cache, q, k, v, num_new, cfg.head_dim ** -0.5)
   x = x + jnp.einsum("bthk,hkd->btd", attn.astype(dtype), w("wo"))
