@@ -1,0 +1,85 @@
+"""Quest (per-block min/max bounds) and the landmark block store against NumPy references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lcjax.cache import DenseKVCache, LandmarkKVCache, QuestKVCache
+
+B, HQ, HKV, D = 2, 4, 2, 8
+CAP, BS = 48, 4
+
+
+def np_block_attention(q, k, v, t, blocks, block_size):
+  """One query q [D] at position t over the tokens of `blocks` (positions <= t) -> [D]."""
+  idx = np.array([p for n in sorted(blocks) for p in range(n * block_size, (n + 1) * block_size) if p <= t])
+  s = k[idx] @ q * D ** -0.5
+  w = np.exp(s - s.max())
+  return (w / w.sum()) @ v[idx]
+
+
+def np_select(scores, t, top, local):
+  """Blocks read by a query at position t: `local` most recent plus the `top` best others."""
+  last = t // BS
+  loc = set(range(max(last - local + 1, 0), last + 1))
+  others = [n for n in np.argsort(-scores) if n <= last and n not in loc]
+  return loc | set(int(n) for n in others[:top])
+
+
+def np_quest_scores(q, k, t):
+  n_blocks = t // BS + 1
+  out = np.full(CAP // BS, -np.inf)
+  for n in range(n_blocks):
+    kb = k[n * BS:min((n + 1) * BS, t + 1)]
+    out[n] = np.maximum(q * kb.min(0), q * kb.max(0)).sum()
+  return out
+
+
+def np_landmark_scores(q, k, t):
+  out = np.full(CAP // BS, -np.inf)
+  for n in range(t // BS + 1):
+    out[n] = q @ k[n * BS:min((n + 1) * BS, t + 1)].mean(0)
+  return out
+
+
+@pytest.mark.parametrize("cls,np_scores", [(QuestKVCache, np_quest_scores), (LandmarkKVCache, np_landmark_scores)])
+def test_block_selection_and_attention_match_numpy(cls, np_scores):
+  rng = np.random.default_rng(0)
+  t_all, top, local = 30, 2, 1
+  q = rng.standard_normal((B, t_all, HQ, D)).astype(np.float32) * 2
+  k, v = (rng.standard_normal((B, t_all, HKV, D)).astype(np.float32) for _ in range(2))
+  cache = cls.create(B, CAP, HKV, D, block_size=BS, top_blocks=top, local_blocks=local)
+  dense = DenseKVCache.create(B, CAP, HKV, D)
+  cache, dense = cache.update(k[:, :20], v[:, :20]), dense.update(k[:, :20], v[:, :20])
+  np.testing.assert_allclose(cache.attend(q[:, :20]), dense.attend(q[:, :20]), atol=1e-6)  # prefill: dense
+  step = jax.jit(lambda c, a, b, qq: (lambda c2: (c2, c2.attend(qq), c2.selected_blocks(qq)))(c.update(a, b)))
+  for t in range(20, t_all):
+    cache, out, chosen = step(cache, k[:, t:t + 1], v[:, t:t + 1], q[:, t:t + 1])
+    for b in range(B):
+      for hq in range(HQ):
+        h = hq // (HQ // HKV)
+        want_blocks = np_select(np_scores(q[b, t, hq], k[b, :, h], t), t, top, local)
+        assert set(np.nonzero(np.asarray(chosen[b, hq]))[0].tolist()) == want_blocks, (t, b, hq)
+        want = np_block_attention(q[b, t, hq], k[b, :, h], v[b, :, h], t, want_blocks, BS)
+        np.testing.assert_allclose(out[b, 0, hq], want, atol=1e-5, rtol=1e-5)
+
+
+def test_quest_reads_everything_when_top_blocks_cover_the_sequence():
+  rng = np.random.default_rng(1)
+  q = rng.standard_normal((B, 1, HQ, D)).astype(np.float32)
+  k, v = (rng.standard_normal((B, 17, HKV, D)).astype(np.float32) for _ in range(2))
+  cache = QuestKVCache.create(B, CAP, HKV, D, block_size=BS, top_blocks=CAP // BS).update(k, v)
+  dense = DenseKVCache.create(B, CAP, HKV, D).update(k, v)
+  np.testing.assert_allclose(cache.attend(q), dense.attend(q), atol=1e-6)
+  assert cache.memory_bytes() == dense.memory_bytes() + 2 * B * (CAP // BS) * HKV * D * 4
+
+
+def test_capacity_errors():
+  with pytest.raises(ValueError, match="block_size"):
+    QuestKVCache.create(B, 30, HKV, D, block_size=BS)
+  rng = np.random.default_rng(2)
+  k = rng.standard_normal((B, 8, HKV, D)).astype(np.float32)
+  cache = LandmarkKVCache.create(B, 8, HKV, D, block_size=BS).update(k, k)
+  cache = cache.update(k[:, :1], k[:, :1])                     # the 9th token does not fit
+  assert np.isnan(np.asarray(cache.attend(jnp.ones((B, 1, HQ, D))))).all()
