@@ -143,6 +143,16 @@ def test_bfloat16_load():
   assert err.mean() < 0.1 * np.abs(exp["logits"]).mean()
 
 
+def test_bfloat16_checkpoint_loads_exactly(tmp_path):
+  import ml_dtypes
+  path = _edited_copy(tmp_path, lambda t: t.update({k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()}))
+  params, _ = hf_import.load_hf_checkpoint(path)
+  reference, _ = hf_import.load_hf_checkpoint(os.path.join(FIXTURES, "llama"))
+  wq, ref_wq = params["layers"][1]["wq"], reference["layers"][1]["wq"]
+  assert wq.dtype == jnp.float32
+  np.testing.assert_array_equal(wq, ref_wq.astype(jnp.bfloat16).astype(jnp.float32))
+
+
 def test_live_transformers_parity():
   """Only where torch and transformers are importable (not in CI): a fresh model, compared live."""
   torch = pytest.importorskip("torch")
