@@ -121,6 +121,20 @@ def test_missing_shard_index_entry_is_named(tmp_path):
     hf_import.load_hf_checkpoint(str(path))
 
 
+def test_transformers_v4_config_format():
+  """v4 wrote rope_theta at the top level and rope_scaling with "type" or "rope_type"."""
+  v5 = json.loads(open(os.path.join(FIXTURES, "llama", "config.json")).read())
+  rope_parameters = dict(v5["rope_parameters"])
+  v4 = {k: v for k, v in v5.items() if k != "rope_parameters"}
+  v4.update(rope_theta=rope_parameters.pop("rope_theta"), rope_scaling=rope_parameters)
+  assert hf_import.config_from_hf(v4) == hf_import.config_from_hf(v5)
+  v4["rope_scaling"]["type"] = v4["rope_scaling"].pop("rope_type")
+  assert hf_import.config_from_hf(v4).rope_scaling == rope.Llama3Scaling(8.0, 1.0, 4.0, 32)
+  no_scaling = {**v4, "rope_scaling": None, "rope_theta": 500000.0}
+  cfg = hf_import.config_from_hf(no_scaling)
+  assert cfg.rope_scaling is None and cfg.rope_theta == 500000.0
+
+
 def test_unsupported_config_is_rejected():
   base = json.loads(open(os.path.join(FIXTURES, "llama", "config.json")).read())
   with pytest.raises(ValueError, match="model_type='gpt2'"):

@@ -5,6 +5,9 @@ chunk) tokens through the model in chunks of `prefill_chunk`, telling the caches
 each chunk are real (`num_new`); the padding written past a sequence's length is overwritten by
 its decoded tokens. Decoding feeds one token per sequence per step, at position prompt_length +
 step, until every sequence has produced a stop token or max_new_tokens.
+
+With DynamicNTKScaling the RoPE base depends on the longest position in each forward call (as in
+transformers), so results then depend on the batch's longest prompt and on the prefill chunking.
 """
 
 from __future__ import annotations

@@ -94,7 +94,8 @@ def config_from_hf(hf: dict, dtype=jnp.float32) -> ModelConfig:
       head_dim=hf.get("head_dim"), hidden_dim=int(hf["intermediate_size"]),
       norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
       rope_scaling=rope_scaling_from_hf(rope, max_pos), max_seq_len=max_pos,
-      sliding_window=_sliding_window_from_hf(hf, family), qkv_bias=family == "qwen2",
+      sliding_window=_sliding_window_from_hf(hf, family),
+      qkv_bias=family == "qwen2" and bool(hf.get("attention_bias", True)),   # Qwen2 always has them in HF
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)), dtype=name, param_dtype=name)
 
 
