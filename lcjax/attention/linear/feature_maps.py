@@ -40,7 +40,11 @@ def orthogonal_random_features(key, num_features: int, head_dim: int):
     raise ValueError(f"num_features={num_features} and head_dim={head_dim} must be >= 1")
   num_blocks = -(-num_features // head_dim)
   keys = jax.random.split(key, num_blocks + 1)
-  blocks = [jnp.linalg.qr(jax.random.normal(k, (head_dim, head_dim)))[0].T for k in keys[:-1]]
+  blocks = []
+  for k in keys[:-1]:
+    q, r = jnp.linalg.qr(jax.random.normal(k, (head_dim, head_dim)))
+    # Sign-fix so the rotation is Haar-uniform: LAPACK's Householder QR alone biases directions.
+    blocks.append((q * jnp.sign(jnp.diagonal(r))[None, :]).T)
   directions = jnp.concatenate(blocks, axis=0)[:num_features]
   norms = jnp.linalg.norm(jax.random.normal(keys[-1], (num_features, head_dim)), axis=1)
   return directions * norms[:, None]

@@ -9,7 +9,9 @@ exp(q_i . k_j + b(i - j)) becomes, in kernelized form,
 Pulling phi_q_i out leaves, per feature f and value dim d, y_i = sum_j c_{i-j} x_j with
 x_j = phi_k_jf v_jd (and x_j = phi_k_jf for the normaliser): a Toeplitz matrix-vector product,
 computed by embedding the Toeplitz matrix in a circulant one and multiplying in Fourier space.
-Memory is O(T F Dv) per head (the paper's cost too).
+Memory is O(T F Dv) per head (the paper's cost too). FFT round-off is about 1e-7 of the largest
+column sum, so rows whose exact kernel sum is near zero (ReLU features that overlap no key) come
+out as noise over noise: use strictly positive maps (elu+1, FAVOR+) here.
 """
 
 from __future__ import annotations
