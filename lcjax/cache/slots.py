@@ -91,14 +91,17 @@ def attend_slots(q, k, v, visible: VisibleFn, lengths, *, scale: float | None = 
 def slot_probs(q, k, visible: VisibleFn, lengths, *, scale: float | None = None, num_new=None):
   """Attention weights float32 [B, Hq, Tq, C] of q over the visible slots (rows sum to 1).
 
-  Used by the scoring policies (H2O, TOVA, SnapKV...). Query rows t >= num_new[b] are zeroed.
+  Used by the scoring policies (H2O, TOVA, SnapKV...). q is the chunk as written: with num_new,
+  row t < num_new[b] is at position lengths - num_new + t and rows t >= num_new[b] are zeroed
+  (without it, the rows are the last T positions).
   """
   b, tq, hq, d = q.shape
   kv_heads = k.shape[2]
   scale = d ** -0.5 if scale is None else scale
   qg = q.reshape(b, tq, kv_heads, hq // kv_heads, d).astype(jnp.float32)
   s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(jnp.float32)).reshape(b, hq, tq, -1) * scale
-  q_pos = query_positions(lengths, tq)[:, None, :, None]
+  first = lengths - (tq if num_new is None else num_new)
+  q_pos = (first[:, None] + jnp.arange(tq, dtype=jnp.int32)[None])[:, None, :, None]
   ok = visible(jnp.arange(b)[:, None, None, None], jnp.arange(hq)[None, :, None, None], q_pos,
                jnp.arange(k.shape[1])[None, None, None, :])
   s = jnp.where(ok, s, -jnp.inf)
