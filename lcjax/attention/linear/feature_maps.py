@@ -61,7 +61,9 @@ def favor_plus(x, projection, *, is_query: bool, scale: float | None = None,
   stabilize subtracts a constant before exp, as the Performer code does: per row for queries,
   and one max over the sequence and features (per batch row and head) for keys. Both cancel in
   *normalised* attention only, and the key constant depends on every key of the sequence, so
-  leave it False for unnormalised attention and for a recurrent (decoding) state.
+  leave it False for unnormalised attention and for a recurrent (decoding) state. The constants
+  also shrink the denominator, so pair stabilize=True with a smaller eps (e.g. 0: FAVOR+
+  features are positive).
 
   Args:
     x: [B, T, H, D] queries or keys.
