@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
@@ -192,7 +193,7 @@ def load_hf_checkpoint(path: str, dtype=jnp.float32):
         if tuple(array.shape) != hf_shape:
           raise ValueError(f"tensor {name!r} has shape {tuple(array.shape)}; the config needs {hf_shape}")
         _set(params, target, jnp.asarray(convert(np.asarray(array)), dtype))
-  # Sanity: the pytree is exactly what lcjax.models.llama expects.
-  shapes = param_shapes(cfg)
-  assert set(params) == set(shapes), (set(params), set(shapes))
+  got = jax.tree.map(lambda x: tuple(x.shape), params)
+  if got != param_shapes(cfg):   # a bug in the name table above, never the checkpoint's fault
+    raise RuntimeError(f"converted params do not match lcjax.models.llama's layout: {got} vs {param_shapes(cfg)}")
   return params, cfg
