@@ -1,0 +1,131 @@
+"""Config parsing: typed sections, and start-up errors that name the key's full path."""
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from lcjax.config import ConfigError, ExperimentConfig, parse_config
+from lcjax.config.sections import DataConfig, MeshConfig, OptimizerConfig
+from lcjax.models import ModelConfig
+from lcjax.models.rope import YarnScaling
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def base():
+  return ml_collections.ConfigDict(dict(
+      model=dict(vocab_size=384, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
+                 max_seq_len=256),
+      data=dict(task="passkey", seq_len=128, batch_size=8),
+      optimizer=dict(learning_rate=1e-3, warmup_steps=10, grad_accum_steps=2),
+      train=dict(num_steps=100, work_dir="/tmp/x"),
+      eval=dict(tasks=("passkey",), lengths=(64, 128)),
+      mesh=dict(data=2, fsdp=1, tensor=2)))
+
+
+def error_for(**overrides) -> str:
+  cd = base()
+  for dotted, value in overrides.items():
+    node = cd
+    *parents, leaf = dotted.split("__")
+    for p in parents:
+      node = node[p]
+    with node.unlocked() if hasattr(node, "unlocked") else _null():
+      node[leaf] = value
+  with pytest.raises(ConfigError) as e:
+    parse_config(cd)
+  return str(e.value)
+
+
+class _null:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False
+
+
+def test_parses_into_typed_frozen_sections():
+  cfg = parse_config(base())
+  assert isinstance(cfg, ExperimentConfig)
+  assert isinstance(cfg.model, ModelConfig) and cfg.model.head_dim == 16
+  assert isinstance(cfg.data, DataConfig) and isinstance(cfg.mesh, MeshConfig)
+  assert isinstance(cfg.optimizer, OptimizerConfig) and cfg.optimizer.grad_accum_steps == 2
+  assert cfg.eval.lengths == (64, 128) and cfg.mesh.size == 4
+  with pytest.raises(Exception):
+    cfg.model.dim = 3  # frozen
+
+
+def test_int_accepted_for_float_and_union_of_dataclasses_by_type():
+  cd = base()
+  cd.optimizer.learning_rate = 1
+  cd.model.rope_scaling = dict(type="yarn", factor=4)
+  cfg = parse_config(cd)
+  assert cfg.optimizer.learning_rate == 1.0 and isinstance(cfg.optimizer.learning_rate, float)
+  assert cfg.model.rope_scaling == YarnScaling(factor=4.0)
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (dict(model__n_layer=3), ["config.model.n_layer", "accepted keys", "n_layers"]),
+    (dict(optimizer__lr=1e-3), ["config.optimizer.lr", "learning_rate"]),
+    (dict(model__n_heads="4"), ["config.model.n_heads", "expected int", "'4'"]),
+    (dict(train__async_checkpointing=1), ["config.train.async_checkpointing", "expected bool"]),
+    (dict(model__n_heads=6, model__n_kv_heads=6), ["config.model.dim=64", "n_heads=6"]),
+    (dict(model__n_kv_heads=3), ["config.model.n_heads=4", "n_kv_heads=3"]),
+    (dict(data__seq_len=512), ["config.data.seq_len=512", "config.model.max_seq_len=256", "<= 256"]),
+    (dict(eval__lengths=(64, 1024)), ["config.eval.lengths", "[1024]", "<= 256"]),
+    (dict(data__batch_size=6), ["config.data.batch_size=6", "grad_accum_steps=2", "multiple of 2"]),
+    (dict(mesh__data=4, data__batch_size=12), ["config.data.batch_size=12", "config.mesh.data", "multiple of 8"]),
+    (dict(eval__method="beam"), ["config.eval.method", "'beam'", "'teacher_forced'", "'greedy'"]),
+    (dict(eval__tasks=("passkey", "ruler")), ["config.eval.tasks", "ruler", "'mqar'"]),
+    (dict(eval__depths=(0.5, 1.5)), ["config.eval.depths", "[0, 1]"]),
+    (dict(optimizer__clip_norm=-1.0), ["config.optimizer.clip_norm=-1.0", "> 0"]),
+    (dict(mesh__tensor=0), ["config.mesh.tensor=0", ">= 1"]),
+    (dict(model__vocab_size=100), ["config.model.vocab_size=100", ">= 259"]),
+    (dict(model__rope_scaling=dict(factor=2.0)), ["config.model.rope_scaling.type", "linear", "yarn"]),
+    (dict(model__attention=("dense", "nope")), ["config.model.attention", "'nope'"]),
+])
+def test_bad_values_fail_with_the_key_path(overrides, expected):
+  message = error_for(**overrides)
+  for fragment in expected:
+    assert fragment in message, (fragment, message)
+
+
+def test_unknown_section_and_missing_model():
+  cd = base()
+  cd.trainer = dict(num_steps=3)
+  with pytest.raises(ConfigError, match=r"config\.trainer.*accepted sections"):
+    parse_config(cd)
+  with pytest.raises(ConfigError, match=r"config\.model: required"):
+    parse_config({"data": {}})
+  cd = base()
+  del cd.model["dim"]
+  with pytest.raises(ConfigError, match=r"config\.model\.dim: required"):
+    parse_config(cd)
+
+
+def load_config_file(path):
+  spec = importlib.util.spec_from_file_location("cfg_module", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))))
+def test_every_config_file_parses(path):
+  cfg = parse_config(load_config_file(path))
+  assert cfg.train.num_steps >= 1
+
+
+def test_command_line_override_errors_name_the_path():
+  """The experiments' flags: a bad override fails at start-up, before any training."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "experiments.train", "--config", "configs/quickstart.py",
+                         "--config.model.n_heads=3"], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode != 0
+  assert "config.model.n_heads=3" in proc.stderr, proc.stderr[-2000:]
