@@ -27,6 +27,7 @@ predicts the next ordinary token.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -45,6 +46,7 @@ def landmark_mask(length: int, block_size: int) -> np.ndarray:
   return np.arange(length) % (block_size + 1) == block_size
 
 
+@functools.partial(jax.jit, static_argnames=("block_size", "scale"))
 def landmark_weights(q, k, *, block_size: int, scale: float | None = None):
   """The grouped-softmax attention weights, float32 [B, Hq, T, T]; rows sum to 1.
 
@@ -85,6 +87,7 @@ def landmark_weights(q, k, *, block_size: int, scale: float | None = None):
   return w.reshape(b, hq, t, nb * stride)[..., :t]
 
 
+@functools.partial(jax.jit, static_argnames=("block_size", "scale"))
 def landmark_attention(q, k, v, *, block_size: int, scale: float | None = None):
   """Landmark attention's training form (module docstring), dense O(T^2) in XLA.
 
