@@ -131,6 +131,14 @@ def test_stop_tokens_end_each_sequence():
   assert int(greedy_batch()["steps"]) == NEW
 
 
+def test_caller_built_caches():
+  caches = llama.init_caches(CFG, 3, capacity=24)
+  out = generate(params(), CFG, prompts(), PROMPT_LENGTHS, NEW, key=None, prefill_chunk=4, caches=caches)
+  np.testing.assert_array_equal(out["tokens"], greedy_batch()["tokens"])
+  with pytest.raises(ValueError, match=r"capacity=16 is too small"):
+    generate(params(), CFG, prompts(), PROMPT_LENGTHS, NEW, key=None, caches=llama.init_caches(CFG, 3, 16))
+
+
 def test_bad_arguments_are_rejected():
   p, toks = params(), prompts()
   with pytest.raises(ValueError, match=r"capacity=12 is too small.*needs 19"):

@@ -58,11 +58,12 @@ def _prefill(params, tokens, lengths, caches, *, cfg: ModelConfig, chunk: int):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "chunk", "capacity", "temperature",
                                              "top_k", "top_p", "stop_tokens", "pad_id", "cache_dtype"))
-def _generate(params, prompt_tokens, prompt_lengths, key, *, cfg, max_new_tokens, chunk, capacity,
+def _generate(params, prompt_tokens, prompt_lengths, key, caches, *, cfg, max_new_tokens, chunk, capacity,
               temperature, top_k, top_p, stop_tokens, pad_id, cache_dtype):
   batch, prompt_len = prompt_tokens.shape
   padded = jnp.full((batch, _round_up(prompt_len, chunk)), pad_id, jnp.int32).at[:, :prompt_len].set(prompt_tokens)
-  caches = llama.init_caches(cfg, batch, capacity, cache_dtype)
+  if caches is None:
+    caches = llama.init_caches(cfg, batch, capacity, cache_dtype)
   logits, caches = _prefill(params, padded, prompt_lengths, caches, cfg=cfg, chunk=chunk)
   stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
 
@@ -92,7 +93,7 @@ def _generate(params, prompt_tokens, prompt_lengths, key, *, cfg, max_new_tokens
 def generate(params, cfg: ModelConfig, prompt_tokens, prompt_lengths, max_new_tokens: int, *, key,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              stop_tokens=(), prefill_chunk: int | None = None, capacity: int | None = None,
-             pad_id: int = 0, cache_dtype=None):
+             pad_id: int = 0, cache_dtype=None, caches=None):
   """Samples continuations of right-padded prompts.
 
   Args:
@@ -108,6 +109,9 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_lengths, max_new_to
     capacity: cache slots; None means `required_capacity(P, max_new_tokens, prefill_chunk)`.
     pad_id: written after a sequence stops (and used to pad the prompt to whole chunks).
     cache_dtype: the caches' dtype, default cfg.dtype.
+    caches: None (DenseKVCache per layer, from llama.init_caches) or empty caches of batch B,
+      one per layer, of any lcjax.cache type (e.g. lcjax.cache.factory.make_caches); those with a
+      `capacity` attribute are checked against what generate needs.
   Returns:
     {"tokens": int32 [B, max_new_tokens] (pad_id after a stop), "lengths": int32 [B] tokens
     generated, stop included, "steps": int32 [] decode steps run (fewer than max_new_tokens
@@ -132,8 +136,16 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_lengths, max_new_to
   if not (isinstance(chunk, int) and chunk >= 1):
     raise ValueError(f"prefill_chunk={prefill_chunk!r}; accepted: None or an int >= 1")
   needed = required_capacity(prompt_len, max_new_tokens, chunk)
-  capacity = needed if capacity is None else capacity
-  if capacity < needed:
+  if caches is not None:
+    if capacity is not None:
+      raise ValueError("pass either capacity (generate builds the caches) or caches, not both")
+    if len(caches) != cfg.n_layers:
+      raise ValueError(f"caches has {len(caches)} entries; accepted: one per layer ({cfg.n_layers})")
+    capacities = [c.capacity for c in caches if isinstance(getattr(c, "capacity", None), int)]
+    capacity = min(capacities) if capacities else None
+  else:
+    capacity = needed if capacity is None else capacity
+  if capacity is not None and capacity < needed:
     raise ValueError(f"capacity={capacity} is too small: prompt_len={prompt_len} + max_new_tokens={max_new_tokens} "
                      f"with prefill_chunk={chunk} needs {needed} cache slots")
   validate_sampling(temperature, top_k, top_p, cfg.vocab_size)
@@ -146,7 +158,7 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_lengths, max_new_to
       raise ValueError("key=None; accepted: a jax.random key (sampling with temperature > 0 needs one)")
     key = jax.random.key(0)
   cache_dtype = None if cache_dtype is None else jnp.dtype(cache_dtype).name
-  return _generate(params, prompt_tokens, prompt_lengths, key, cfg=cfg, max_new_tokens=max_new_tokens,
+  return _generate(params, prompt_tokens, prompt_lengths, key, caches, cfg=cfg, max_new_tokens=max_new_tokens,
                    chunk=chunk, capacity=capacity, temperature=float(temperature), top_k=top_k,
                    top_p=None if top_p is None else float(top_p), stop_tokens=stop_tokens, pad_id=int(pad_id),
                    cache_dtype=cache_dtype)

@@ -160,6 +160,8 @@ def _validate_inputs(tokens, positions, caches, cfg, segment_ids, num_new) -> No
   if caches is not None:
     if len(caches) != cfg.n_layers:
       raise ValueError(f"caches has {len(caches)} entries; accepted: one per layer ({cfg.n_layers})")
+    if any(c is None for c in caches):
+      raise ValueError("caches contains None (cross-layer sharing); accepted: one cache object per layer")
     if segment_ids is not None:
       raise ValueError("segment_ids (packed sequences) is for the no-cache path; got caches as well")
   elif num_new is not None:
