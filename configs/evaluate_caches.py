@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.examples_per_cell = 16
   c.perplexity_examples = 32
   c.decode_steps = 16                   # timed decode steps per configuration
+  c.only = ""                           # comma-separated subset of policies ("" = all)
   budgets = (16, 32, 64)
   c.policies = dict(
       dense=("budget", (128,), dict()),

@@ -36,7 +36,7 @@ from lcjax.models import llama  # pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/evaluate_caches.py", "Evaluation configuration.")
 KEYS = ("experiment", "checkpoint_dir", "train_if_missing", "work_dir", "chunk", "examples_per_cell",
-        "perplexity_examples", "decode_steps", "policies")
+        "perplexity_examples", "decode_steps", "policies", "only")
 
 
 def load_params(cfg, checkpoint_dir: str, train_if_missing: bool):
@@ -164,7 +164,13 @@ def main(argv):
   params, step = load_params(cfg, config.checkpoint_dir, config.train_if_missing)
   os.makedirs(config.work_dir, exist_ok=True)
   rows = []
+  only = [p for p in config.only.split(",") if p] if config.only else list(config.policies)
+  unknown = sorted(set(only) - set(config.policies))
+  if unknown:
+    raise ValueError(f"config.only names {unknown}, not in config.policies ({sorted(config.policies)})")
   for policy, (field, values, fixed) in config.policies.items():
+    if policy not in only:
+      continue
     for value in values:
       cache_cfg = CacheConfig(policy=policy, max_chunk=config.chunk, **{**dict(fixed), field: value})
       t0 = time.perf_counter()
