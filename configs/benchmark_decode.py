@@ -9,12 +9,13 @@ CONFIG = dict(
     # (block_k, num_splits, num_warps, num_stages) tried for the dense kernel; best one reported.
     dense_sweep=((64, 16, 4, 3), (128, 16, 4, 3), (128, 16, 8, 3), (64, 8, 4, 4), (128, 8, 4, 4),
                  (64, 8, 4, 3), (128, 12, 4, 3)),
-    quant_sweep=((64, 16, 4, 3), (128, 16, 4, 3), (128, 16, 8, 3), (64, 32, 4, 4), (128, 32, 4, 4),
-                 (64, 8, 4, 4), (128, 8, 8, 3)),
-    key_group=128, value_group=64,
+    quant_sweep=((128, 16, 4, 3), (64, 32, 4, 4), (128, 32, 8, 3), (32, 32, 4, 4), (128, 64, 4, 2)),
+    key_group=128, value_groups=(64, 128),   # int4 takes only groups <= D/2
     sparse_fractions=(0.125, 0.25), sparse_block=128, sparse_splits=(4, 8, 16, 32),
     iters=30, repeats=5,
     baselines=("cudnn", "xla", "jax_pallas"),
+    mode="benchmark",            # or "profile": one call of each kernel, for ncu
+    profile_config=(128, 16, 4, 3),
     log_dir="",   # where the JSONL log goes (default $OUT or /tmp)
 )
 
