@@ -255,3 +255,18 @@ def test_razor_keeps_retrieval_heads_whole_and_compensates_the_others():
           vv = np.concatenate([v[b, kept, h], v[b, dropped, h].mean(0, keepdims=True)])
           want = np_attend(q[b, t, hq], kk, vv, np.append(kept, 0), t)
         np.testing.assert_allclose(outs[b, t, hq], want, atol=1e-5, rtol=1e-5)
+
+
+def test_ragged_prefill_scores_real_queries_at_their_positions():
+  # Sequence 1 writes only 9 of the 12 prefill tokens (num_new); the model passes q unshifted.
+  q, k, v = data(10, 16)
+  cache = EvictingKVCache.create(B, HKV, D, policy=H2OPolicy(window=2), budget=6, max_chunk=12)
+  cache = cache.update(k[:, :12], v[:, :12], q=q[:, :12], num_new=jnp.array([12, 9]))
+  for t in range(12, 16):
+    cache = cache.update(k[:, t:t + 1], v[:, t:t + 1], q=q[:, t:t + 1])
+  got = kept_sets(cache)
+  idx = {0: np.arange(16), 1: np.r_[0:9, 12:16]}          # the tokens each sequence really wrote
+  for b in range(B):
+    for h in range(HKV):
+      want = np_h2o(q[b, idx[b], h * G:(h + 1) * G], k[b, idx[b], h], 6, 2, 12 if b == 0 else 9)
+      assert got[b][h] == want, (b, h)
