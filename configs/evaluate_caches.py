@@ -26,7 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.examples_per_cell = 16
   c.perplexity_examples = 32
   c.decode_steps = 16                   # timed decode steps per configuration
-  c.only = ""                           # comma-separated subset of policies ("" = all)
+  # Policies to run, in this order (a ConfigDict iterates its keys sorted); "" = all of them.
+  c.only = "dense,streaming,h2o,snapkv,tova,pyramidkv,razor,kivi,gear,mikv,think,quest,landmark,merge,window"
   budgets = (16, 32, 64)
   c.policies = dict(
       dense=("budget", (128,), dict()),

@@ -168,9 +168,8 @@ def main(argv):
   unknown = sorted(set(only) - set(config.policies))
   if unknown:
     raise ValueError(f"config.only names {unknown}, not in config.policies ({sorted(config.policies)})")
-  for policy, (field, values, fixed) in config.policies.items():
-    if policy not in only:
-      continue
+  for policy in only:                                 # in the order given
+    field, values, fixed = config.policies[policy]
     for value in values:
       cache_cfg = CacheConfig(policy=policy, max_chunk=config.chunk, **{**dict(fixed), field: value})
       t0 = time.perf_counter()
