@@ -202,11 +202,11 @@ def main(argv):
       qref = jax.nn.dot_product_attention(q, kd, vd, implementation="xla")
       del kd, vd
       qbest = (None, float("inf"))
-      for bk, splits, warps, stages in cfg["quant_sweep"]:
-        f = jax.jit(lambda q, c, l, bk=bk, s=splits, w=warps, st=stages:
+      for bk, splits, warps, stages, pf in cfg["quant_sweep"]:
+        f = jax.jit(lambda q, c, l, bk=bk, s=splits, w=warps, st=stages, pf=pf:
                     decode_quant.quantized_decode_attention(q, c, l, block_k=bk, num_splits=s,
-                                                            num_warps=w, num_stages=st))
-        name = f"int{bits} vg{vg} bk{bk} s{splits} w{warps} st{stages}"
+                                                            num_warps=w, num_stages=st, prefetch=pf))
+        name = f"int{bits} vg{vg} bk{bk} s{splits} w{warps} st{stages} pf{int(pf)}"
         try:
           err = rel_err(f(q, qkv, lengths), qref)
           t = time_in_scan(f, q, qkv, lengths, **timing)

@@ -36,13 +36,14 @@ def test_quantizer_round_trip_error_is_within_half_a_step(bits):
   assert float(jnp.max(jnp.abs(kd - k))) > 0          # it really quantised
 
 
-@pytest.mark.parametrize("bits,q_len,value_group", [(8, 1, 16), (4, 1, 16), (4, 2, 16), (8, 3, 32)])
-def test_quantized_decode_matches_dequantized_reference(bits, q_len, value_group):
+@pytest.mark.parametrize("bits,q_len,value_group,prefetch",
+                         [(8, 1, 16, True), (4, 1, 16, True), (4, 2, 16, False), (8, 3, 32, False)])
+def test_quantized_decode_matches_dequantized_reference(bits, q_len, value_group, prefetch):
   q, k, v = _inputs(bits + q_len, q_len=q_len)
   kv = dq.quantize_kv(k, v, bits=bits, key_group=32, value_group=value_group)
   lengths = jnp.array([1, 45, 64], jnp.int32)
   out, lse = dq.quantized_decode_attention(q, kv, lengths, block_k=16, num_splits=3, interpret=True,
-                                           return_lse=True)
+                                           prefetch=prefetch, return_lse=True)
   kd, vd = dq.dequantize_kv(kv)
   ref, ref_lse = _reference(q, kd, vd, lengths)
   np.testing.assert_allclose(out, ref, atol=3e-5, rtol=3e-5)

@@ -141,7 +141,8 @@ def _codes_to_float(codes, dtype):
 
 
 def _quant_decode_kernel(len_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, o_ref, lse_ref,
-                         *, scale, block_k, num_splits, group, q_len, bits, key_group, value_group):
+                         *, scale, block_k, num_splits, group, q_len, bits, key_group, value_group,
+                         prefetch):
   b, split = pl.program_id(0), pl.program_id(2)
   rows, head_dim = q_ref.shape
   cdt = q_ref.dtype                       # float16 (magic-number codes) or float32
@@ -159,18 +160,28 @@ def _quant_decode_kernel(len_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref,
       return raw
     return raw & 15 if p == 0 else raw >> 4
 
-  def body(i, carry):
+  def load_tile(i):
+    """Every load of tile i: codes, and the scales / zeros that go with them."""
     start = pl.multiple_of(i * block_k, block_k)
     g = start // key_group
-    raw_k = kc_ref[pl.ds(start, block_k), :]                        # [bk, width] uint8
+    tile = {"k": kc_ref[pl.ds(start, block_k), :],                         # [bk, width] uint8
+            "ks": [ks_ref[g, pl.ds(p * width, width)] for p in range(parts)],
+            "kz": [kz_ref[g, pl.ds(p * width, width)] for p in range(parts)],
+            "v": [vc_ref[pl.ds(start, block_k), pl.ds(gi * value_group, value_group)]
+                  for gi in range(width // value_group)],
+            "vs": [vs_ref[pl.ds(start, block_k), c] for c in range(head_dim // value_group)],
+            "vz": [vz_ref[pl.ds(start, block_k), c] for c in range(head_dim // value_group)]}
+    return tile
+
+  def compute(i, carry, tile):
+    start = i * block_k
     # k = c * ks + kz per channel: q.k = (q * ks) . c + q . kz, so the tile is never rescaled.
     s = None
     bias = None
     for p in range(parts):
-      ks = f32(ks_ref[g, pl.ds(p * width, width)])
-      kz = f32(kz_ref[g, pl.ds(p * width, width)])
+      ks, kz = f32(tile["ks"][p]), f32(tile["kz"][p])
       qk = (q_parts[p] * ks[None, :]).astype(cdt)
-      sp = plgpu.dot(qk, _codes_to_float(nibble(raw_k, p), cdt), trans_b=True)
+      sp = plgpu.dot(qk, _codes_to_float(nibble(tile["k"], p), cdt), trans_b=True)
       bp = jnp.sum(q_parts[p] * kz[None, :] - offset * f32(qk), axis=1)
       s = sp if s is None else s + sp
       bias = bp if bias is None else bias + bp
@@ -182,34 +193,47 @@ def _quant_decode_kernel(len_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref,
       # v = c * vs + vz per token (per channel group): p @ v = (p * vs) @ c + p . vz.
       outs = [None] * (head_dim // value_group)
       for gi in range(width // value_group):                      # byte groups
-        raw_v = vc_ref[pl.ds(start, block_k), pl.ds(gi * value_group, value_group)]
         for p in range(parts):
           col = p * (width // value_group) + gi                     # channel group index
-          vs = f32(vs_ref[pl.ds(start, block_k), col])
-          vz = f32(vz_ref[pl.ds(start, block_k), col])
+          vs, vz = f32(tile["vs"][col]), f32(tile["vz"][col])
           ps = (pr * vs[None, :]).astype(cdt)
           corr = jnp.sum(pr * vz[None, :] - offset * f32(ps), axis=1)
-          outs[col] = plgpu.dot(ps, _codes_to_float(nibble(raw_v, p), cdt)) + corr[:, None]
+          outs[col] = plgpu.dot(ps, _codes_to_float(nibble(tile["v"][gi], p), cdt)) + corr[:, None]
       return tuple(outs)
 
     return online_softmax_step(carry, s, mask, v_dot)
 
   acc = tuple(jnp.zeros((rows, value_group), jnp.float32) for _ in range(head_dim // value_group))
   carry = (acc, jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32))
-  finish(o_ref, lse_ref, lax.fori_loop(lo, hi, body, carry))
+  if prefetch:
+    # Register double-buffering: issue tile i+1's loads before computing on tile i, so the
+    # small scale loads (which the compiler does not pipeline) overlap with the maths.
+    last_tile = kc_ref.shape[0] // block_k - 1
+
+    def body(i, state):
+      carry, tile = state
+      nxt = load_tile(jnp.minimum(i + 1, jnp.maximum(hi - 1, 0)))
+      return compute(i, carry, tile), nxt
+
+    carry, _ = lax.fori_loop(lo, hi, body, (carry, load_tile(jnp.minimum(lo, last_tile))))
+  else:
+    carry = lax.fori_loop(lo, hi, lambda i, c: compute(i, c, load_tile(i)), carry)
+  finish(o_ref, lse_ref, carry)
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "scale", "block_k", "num_splits", "num_warps", "num_stages", "interpret", "return_lse"))
+    "scale", "block_k", "num_splits", "num_warps", "num_stages", "prefetch", "interpret",
+    "return_lse"))
 def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | None = None,
                                block_k: int | None = None, num_splits: int | None = None,
-                               num_warps: int = 4, num_stages: int = 3, interpret: bool = False,
-                               return_lse: bool = False):
+                               num_warps: int = 4, num_stages: int = 3, prefetch: bool = True,
+                               interpret: bool = False, return_lse: bool = False):
   """Decode attention of q [B, T, Hq, D] (bf16/f16/f32) over a QuantizedKV cache.
 
   Same contract as pallas_kernels.gpu.decode.decode_attention; block_k must divide the key
   group (default min(128, key_group)). Scales are folded into the query / probability side, so
   the codes go to the tensor cores unscaled (float16 for bf16/fp16 queries, float32 otherwise).
+  prefetch: load tile i+1 (codes and scales) before computing on tile i.
   """
   batch, q_len, q_heads, head_dim = q.shape
   capacity, kv_heads = kv.k_codes.shape[1], kv.k_codes.shape[2]
@@ -230,7 +254,8 @@ def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | No
   qp, rows = pack_queries(q.astype(jnp.float32 if q.dtype == jnp.float32 else jnp.float16), kv_heads)
   kernel = functools.partial(
       _quant_decode_kernel, scale=scale, block_k=bk, num_splits=splits, group=q_heads // kv_heads,
-      q_len=q_len, bits=bits, key_group=key_group, value_group=value_group)
+      q_len=q_len, bits=bits, key_group=key_group, value_group=value_group,
+      prefetch=prefetch)
   per_head = lambda x: pl.BlockSpec((None, x.shape[1], None, x.shape[3]), lambda b, h, j: (b, 0, h, 0))
   o, lse = pl.pallas_call(
       kernel,
