@@ -1,7 +1,8 @@
 """The prefill/training kernels at real sizes on a GPU (skipped elsewhere): every kernel path
 against the float32 XLA reference, outputs and gradients, on random bf16/fp16 inputs.
 
-Run on the device machine: PYTHONPATH=. python3 -m pytest -q tests/test_pallas_prefill_gpu.py
+Run on the device machine (conftest.py defaults JAX_PLATFORMS to cpu):
+  JAX_PLATFORMS=cuda PYTHONPATH=. python3 -m pytest -q tests/test_pallas_prefill_gpu.py
 """
 import jax
 import jax.numpy as jnp

@@ -68,10 +68,12 @@ def full_blocks_first(kv_indices, kv_counts, kv_full):
 
 def _kernel(idx_ref, cnt_ref, nfull_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, mask_fn,
             scale, kv_len, q_offset, head_dim, dtype, q_heads, table_batch, table_heads, group,
-            max_steps):
+            max_steps, num_q_blocks):
   batch = lax.axis_index("batch")
   q_head = lax.axis_index("heads")
-  q_block = lax.axis_index("q_seq")
+  # Last query blocks first: under causal-like masks they carry the most key blocks, and
+  # launching the heaviest CTAs first shortens the tail of the last wave.
+  q_block = (num_q_blocks - 1) - lax.axis_index("q_seq")
   wg_idx = lax.axis_index("wg")
   (qo_smem2, k_smem, v_smem, lse_smem2), (k_barriers, v_barriers, q_barriers), consumed, sched = scoped
   k_consumed_barriers, v_consumed_barriers = consumed
@@ -211,7 +213,7 @@ def block_sparse_attention_fwd(q, k, v, kv_indices, kv_counts, kv_full, *, mask_
   kernel = functools.partial(
       _kernel, mask_fn=mask_fn, scale=scale, kv_len=kv_len, q_offset=q_offset, head_dim=head_dim,
       dtype=dtype, q_heads=q_heads, table_batch=indices.shape[0], table_heads=indices.shape[1],
-      group=q_heads // kv_heads, max_steps=max_steps)
+      group=q_heads // kv_heads, max_steps=max_steps, num_q_blocks=q_len // BLOCK_Q)
 
   def entry(idx_ref, cnt_ref, nfull_ref, q_ref, k_ref, v_ref, out_ref, lse_ref):
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -282,10 +284,12 @@ def _wgmma_acc(acc, a, b):
 
 def _dq_kernel(idx_ref, cnt_ref, nfull_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
                smem, bars, consumed, *, mask_fn, scale, kv_len, q_offset, head_dim, dtype, q_heads, table_batch,
-               table_heads, group, max_steps):
+               table_heads, group, max_steps, num_q_blocks):
   batch = lax.axis_index("batch")
   q_head = lax.axis_index("heads")
-  q_block = lax.axis_index("q_seq")
+  # Last query blocks first: under causal-like masks they carry the most key blocks, and
+  # launching the heaviest CTAs first shortens the tail of the last wave.
+  q_block = (num_q_blocks - 1) - lax.axis_index("q_seq")
   wg_idx = lax.axis_index("wg")
   q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem = smem
   q_bars, do_bars, lse_bars, delta_bars, k_bars, v_bars = bars
@@ -467,7 +471,7 @@ def block_sparse_attention_bwd(q, k, v, out, lse, do, kv_indices, kv_counts, kv_
   kv_idx, kv_cnt, kv_nfull = full_blocks_first(kv_indices, kv_counts, kv_full)
   dq_steps = max(2, min(dq_steps, kv_len_padded // BLOCK_KV))
   dq_kernel = functools.partial(_dq_kernel, table_batch=kv_idx.shape[0], table_heads=kv_idx.shape[1],
-                                max_steps=dq_steps, **common)
+                                max_steps=dq_steps, num_q_blocks=q_len // BLOCK_Q, **common)
   rows_smem = plgpu.SMEM((COMPUTE_WGS, BWD_ROWS, head_dim), dtype, transforms=transforms)
   dq = plgpu.kernel(
       dq_kernel,
