@@ -9,6 +9,7 @@ the same circuit.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -16,10 +17,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = dict(vocab_size=384, dim=128, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=512,
                  max_seq_len=256, rope_theta=10000.0, dtype="float32", param_dtype="float32")
   c.data = dict(task="passkey", seq_len=128, batch_size=16, seed=0, pack=False, loss_on="all",
-                data_dir=None,
+                data_dir=placeholder(str),
                 options=dict(lengths=(112, 128), digits=3, num_train=20000, num_validation=16,
                              num_test=16, seed=0))
-  c.optimizer = dict(learning_rate=2e-3, warmup_steps=100, decay_steps=None, min_lr_ratio=0.1,
+  c.optimizer = dict(learning_rate=2e-3, warmup_steps=100, decay_steps=placeholder(int), min_lr_ratio=0.1,
                      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01, clip_norm=1.0, grad_accum_steps=1)
   c.train = dict(num_steps=1500, work_dir="runs/quickstart", seed=0, log_every=25,
                  checkpoint_every=500, keep_checkpoints=2, async_checkpointing=True, eval_every=0,

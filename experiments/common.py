@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from lcjax.config import ConfigError, ExperimentConfig, parse_config
@@ -14,11 +15,22 @@ CONFIG = config_flags.DEFINE_config_file(
     "--config.section.key=value.", lock_config=True)
 
 
+def quiet_logs(level=logging.WARNING) -> None:
+  """Keeps orbax's and TFDS's INFO chatter (and TFDS's progress bars) out of the output."""
+  logging.set_verbosity(level)
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    tfds.disable_progress_bar()
+  except ImportError:
+    pass
+
+
 def load_config() -> ExperimentConfig:
   """The parsed --config, or exit(2) with the ConfigError (it names the key's path)."""
   if CONFIG.value is None:
     print("error: --config is required, e.g. --config configs/quickstart.py", file=sys.stderr)
     sys.exit(2)
+  quiet_logs()
   try:
     return parse_config(CONFIG.value)
   except ConfigError as e:
