@@ -10,6 +10,7 @@ from lcjax.cache.kivi import KIVIKVCache
 from lcjax.cache.landmark import LandmarkKVCache
 from lcjax.cache.linear_state import LinearStateCache
 from lcjax.cache.merging import MergingKVCache
+from lcjax.cache.minicache import MiniCacheKV, merge_layer_pair
 from lcjax.cache.mikv import MiKVCache
 from lcjax.cache.pyramidkv import pyramid_budgets
 from lcjax.cache.quest import QuestKVCache
