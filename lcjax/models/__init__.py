@@ -5,13 +5,12 @@
   attention_methods.py  per-layer attention methods by name (attention_fn_for)
   llama.py              init, param_logical_axes, init_caches, forward
   sampling.py           greedy / temperature / top-k / top-p
-  generate.py           chunked prefill + lax.while_loop decode under one jit
+  generate.py           generate(): chunked prefill + lax.while_loop decode under one jit
   hf_import.py          load_hf_checkpoint: HF safetensors checkpoints -> (params, cfg)
 """
 from lcjax.models import rope
 from lcjax.models.attention_methods import attention_fn_for
 from lcjax.models.config import ModelConfig
-from lcjax.models.generate import generate
 from lcjax.models.hf_import import load_hf_checkpoint
 from lcjax.models.llama import (forward, forward_hidden, init, init_caches, logits_from_hidden,
                                 param_logical_axes, param_shapes)
