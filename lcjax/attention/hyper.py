@@ -20,6 +20,7 @@ cover more of the mass; block_size >= T_k is exact attention.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -133,6 +134,8 @@ def _causal(q, k, v, rng, scale, lsh_bits, block_size, sample_size, min_seq_len)
           jnp.concatenate([lse_d[:, :, :half], lse_low], axis=2))
 
 
+@functools.partial(jax.jit, static_argnames=("lsh_bits", "block_size", "sample_size", "causal",
+                                             "min_seq_len", "scale", "return_lse"))
 def hyper_attention(q, k, v, *, rng, lsh_bits: int = 7, block_size: int = 256,
                     sample_size: int = 256, causal: bool = False, min_seq_len: int = 4096,
                     scale: float | None = None, return_lse: bool = False):
