@@ -148,6 +148,8 @@ def test_bad_inputs_name_the_argument():
     la.chunk_linear_attention(phi_q[:, :5], phi_k, v)
   with pytest.raises(ValueError, match="decay needs causal"):
     la.naive_linear_attention(phi_q, phi_k, v, causal=False, decay=jnp.ones(2))
+  with pytest.raises(ValueError, match="initial_state"):
+    la.chunk_linear_attention(phi_q, phi_k, v, initial_state=la.init_state(2, 2, 4, 4))
   with pytest.raises(ValueError, match="state.kv"):
     la.recurrent_step(la.init_state(1, 2, 4, 3), phi_q[:, 0], phi_k[:, 0], v[:, 0])
 

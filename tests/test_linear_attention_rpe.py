@@ -1,4 +1,6 @@
 """Kernelized attention with relative positions through FFT against the O(T^2) formula."""
+import hypothesis
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,3 +88,13 @@ def test_bad_bias_shape_raises():
     la.rpe_linear_attention(x, x, x, jnp.zeros((2, 4)))
   with pytest.raises(ValueError, match="coeffs"):
     la.toeplitz_matmul(jnp.zeros((5,)), jnp.ones((4, 1)))
+
+
+@hypothesis.settings(max_examples=5, deadline=None)
+@hypothesis.given(t=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_property_toeplitz_matches_dense(t, seed):
+  rng = np.random.default_rng(seed)
+  coeffs, x = rng.standard_normal(2 * t - 1), rng.standard_normal((t, 3))
+  dense = coeffs[np.arange(t)[:, None] - np.arange(t)[None, :] + t - 1]
+  np.testing.assert_allclose(la.toeplitz_matmul(jnp.asarray(coeffs), jnp.asarray(x)), dense @ x,
+                             atol=1e-5 * max(1.0, np.abs(dense @ x).max()))

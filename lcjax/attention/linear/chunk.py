@@ -69,6 +69,9 @@ def chunk_linear_attention(phi_q, phi_k, v, *, chunk_size: int = 64, decay=None,
     raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
   b, t, hkv, f = phi_k.shape
   state = init_state(b, hkv, f, v.shape[-1]) if initial_state is None else initial_state
+  if state.kv.shape != (b, hkv, f, v.shape[-1]) or state.normalizer.shape != (b, hkv, f):
+    raise ValueError(f"initial_state has kv {state.kv.shape}, normalizer {state.normalizer.shape}; "
+                     f"these inputs need {(b, hkv, f, v.shape[-1])} and {(b, hkv, f)}")
   log_lam = common.log_decay(decay, hkv)
   q = common.group_queries(phi_q, hkv)
   k, vv = phi_k.astype(jnp.float32), v.astype(jnp.float32)
