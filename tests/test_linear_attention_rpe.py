@@ -10,24 +10,17 @@ from lcjax.attention import linear as la
 
 
 def numpy_rpe_attention(phi_q, phi_k, v, rel_bias, causal, eps=1e-6):
+  """float64 O(T^2): a_ij = phi_q_i . phi_k_j exp(b(i - j)), j <= i when causal."""
   q, k, v = (np.asarray(x, np.float64) for x in (phi_q, phi_k, v))
   t, hq = q.shape[1], q.shape[2]
   group = hq // k.shape[2]
   k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
-  bias = np.broadcast_to(np.asarray(rel_bias, np.float64), (hq, 2 * t - 1))
-  out = np.zeros(q.shape[:3] + (v.shape[-1],))
-  for i in range(t):
-    for j in range(t):
-      if causal and j > i:
-        continue
-      a = np.einsum("bhf,bhf->bh", q[:, i], k[:, j]) * np.exp(bias[:, t - 1 + i - j])[None]
-      out[:, i] += a[..., None] * np.concatenate([v[:, j], np.ones(v.shape[:1] + v.shape[2:3] + (1,))], -1)[..., :-1]
-  den = np.zeros(q.shape[:3])
-  for i in range(t):
-    for j in range(t):
-      if not (causal and j > i):
-        den[:, i] += np.einsum("bhf,bhf->bh", q[:, i], k[:, j]) * np.exp(bias[:, t - 1 + i - j])[None]
-  return out / (den + eps)[..., None]
+  i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+  weight = np.exp(np.broadcast_to(np.asarray(rel_bias, np.float64), (hq, 2 * t - 1))[:, t - 1 + i - j])
+  if causal:
+    weight = weight * (j <= i)
+  a = np.einsum("bihf,bjhf->bhij", q, k) * weight[None]
+  return np.einsum("bhij,bjhd->bihd", a, v) / (np.einsum("bhij->bih", a) + eps)[..., None]
 
 
 @pytest.mark.parametrize("t", [1, 5, 16, 33])
