@@ -16,6 +16,7 @@ Errors are ConfigError (a ValueError) whose message starts with the key's path, 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, Mapping
@@ -173,4 +174,7 @@ def to_dataclass(cls: type, mapping: Any, path: str = "config"):
   except (ValueError, TypeError) as e:
     # "ModelConfig.n_heads=..." -> "config.model.n_heads=...": the message names the key's path.
     message = str(e).replace(f"{cls.__name__}.", f"{path}.")
+    named = re.match(r"(\w+)=", message)
+    if named and named.group(1) in fields:  # "n_heads=3 ..." -> "config.model.n_heads=3 ..."
+      message = f"{path}.{message}"
     raise ConfigError(message if path in message else f"{path}: {message}") from e
