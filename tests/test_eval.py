@@ -11,7 +11,7 @@ from lcjax import models
 from lcjax.config import parse_config
 from lcjax.eval import evaluate
 from lcjax.eval import perplexity, plots, retrieval
-from lcjax.eval.scoring import make_scorer
+from lcjax.eval.scoring import answer_prompts, make_greedy_answerer, make_scorer
 from lcjax.sharding import make_mesh
 from lcjax.train import ModelFns
 
@@ -128,3 +128,44 @@ def test_evaluate_writes_results_and_plot(tmp_path):
 def test_bucket_edges():
   np.testing.assert_array_equal(perplexity.bucket_edges(96, 4), [0, 24, 48, 72, 96])
   np.testing.assert_array_equal(perplexity.bucket_edges(3, 8), [0, 1, 2, 3])
+
+
+def passkey_batch(cfg, length=96):
+  from lcjax import data as lcdata
+  source = retrieval.eval_source("passkey", length, cfg, {"digits": 2})
+  return next(iter(lcdata.task_eval_batches(source, seq_len=length, batch_size=4)))
+
+
+def test_answer_prompts_end_before_the_answer(tmp_path):
+  cfg = config(tmp_path)
+  batch = passkey_batch(cfg)
+  prompts, lengths, n = answer_prompts(batch)
+  assert n == 2
+  for b in range(4):
+    s = int(batch["answer_start"][b])
+    assert lengths[b] == s + 1
+    np.testing.assert_array_equal(prompts[b, :s + 1], batch["tokens"][b, :s + 1])
+    # The next input is the first answer digit, i.e. the target at answer_start.
+    assert batch["tokens"][b, s + 1] == batch["targets"][b, s]
+
+
+def test_greedy_answers_match_a_step_by_step_argmax_loop(tmp_path):
+  from lcjax.models.generate import generate
+  cfg = config(tmp_path, method="greedy")
+  params = models.init(jax.random.key(3), cfg.model)
+  batch = passkey_batch(cfg)
+  got = make_greedy_answerer(generate, cfg.model, make_mesh(cfg.mesh))(params, batch)
+  prompts, lengths, n = answer_prompts(batch)
+  for b in range(4):
+    seq = list(prompts[b, :lengths[b]])
+    for _ in range(n):
+      logits, _ = models.forward(params, np.asarray([seq]), np.arange(len(seq))[None], None, cfg=cfg.model)
+      seq.append(int(np.argmax(logits[0, -1])))
+    np.testing.assert_array_equal(got[b], seq[-n:])
+  # Greedy exact match and teacher-forced exact match agree example by example.
+  score = make_scorer(models.forward, cfg.model, make_mesh(cfg.mesh))
+  greedy = retrieval.evaluate_retrieval("passkey", cfg, params, score,
+                                        make_greedy_answerer(generate, cfg.model, make_mesh(cfg.mesh)))
+  forced = retrieval.evaluate_retrieval("passkey", config(tmp_path), params, score)
+  assert greedy["method"].startswith("greedy") and forced["method"].startswith("teacher_forced")
+  assert [c["accuracy"] for c in greedy["cells"]] == [c["accuracy"] for c in forced["cells"]]

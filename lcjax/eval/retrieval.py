@@ -1,11 +1,14 @@
 """Passkey and MQAR accuracy by context length (x needle depth for passkey).
 
-Method: teacher-forced argmax. One forward pass over the example with its true answer; the
-example counts as retrieved when argmax(logits) equals the target at EVERY answer position.
-For an exact match of the whole answer this is the same as greedy decoding: if every argmax
-given the true prefix is right, greedy decoding produces exactly the true answer, and
-conversely. MQAR is also reported per query (the fraction of answer values predicted), where
-later queries see the true earlier values (teacher forcing).
+Methods (config.eval.method):
+- "teacher_forced": one forward pass over the example with its true answer; the example counts
+  as retrieved when argmax(logits) equals the target at EVERY answer position. For an exact
+  match of the whole answer this equals greedy decoding: if every argmax given the true prefix
+  is right, greedy decoding produces exactly the true answer, and conversely.
+- "greedy": lcjax.models.generate decodes answer_length tokens greedily after the prompt (a
+  KV-cache prefill + decode loop), compared with the answer (passkey only).
+MQAR is always teacher-forced (its answers are single tokens interleaved with the context) and
+also reported per query (the fraction of answer values predicted).
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def eval_source(task: str, length: int, cfg, options: dict):
                               seed=ec.seed, **kwargs, **options)
 
 
-def evaluate_retrieval(task: str, cfg, params, score: Callable) -> dict:
+def evaluate_retrieval(task: str, cfg, params, score: Callable, answer: Callable | None = None) -> dict:
   """Accuracy of `task` ("passkey" or "mqar") for every eval length (x depth).
 
   Returns {"task", "method", "chance", "accuracy", "lengths", "depths", "cells": [{"length",
@@ -65,14 +68,24 @@ def evaluate_retrieval(task: str, cfg, params, score: Callable) -> dict:
   """
   if task not in EXAMPLE_OPTIONS:
     raise ValueError(f"task={task!r}; accepted: {tuple(EXAMPLE_OPTIONS)}")
+  greedy = task == "passkey" and cfg.eval.method == "greedy"
+  if greedy and answer is None:
+    raise ValueError("config.eval.method='greedy' needs a greedy answerer (lcjax.models.generate)")
   options = example_options(task, cfg)
   cells: dict[tuple, list] = collections.defaultdict(list)
   for length in cfg.eval.lengths:
     source = eval_source(task, length, cfg, options)
     for batch in lcdata.task_eval_batches(source, seq_len=length, batch_size=cfg.eval.batch_size):
-      out = score(params, batch)
       mask = batch["loss_mask"] > 0
-      wrong = np.sum(mask & ~out["correct"], axis=1)
+      if greedy:
+        decoded = answer(params, batch)
+        correct = np.zeros(mask.shape, bool)
+        for b in range(len(decoded)):
+          s, n = int(batch["answer_start"][b]), int(batch["answer_length"][b])
+          correct[b, s:s + n] = decoded[b, :n] == batch["targets"][b, s:s + n]
+      else:
+        correct = score(params, batch)["correct"]
+      wrong = np.sum(mask & ~correct, axis=1)
       scored = np.sum(mask, axis=1)
       for b in np.nonzero(batch["valid"])[0]:
         depth = round(float(batch["depth"][b]), 4) if task == "passkey" else None
@@ -84,7 +97,8 @@ def evaluate_retrieval(task: str, cfg, params, score: Callable) -> dict:
                  "query_accuracy": float(np.mean(per_query))})
   total = sum(r["n"] for r in rows)
   return {
-      "task": task, "method": "teacher_forced_argmax_exact_match", "options": options,
+      "task": task, "method": "greedy_decoding_exact_match" if greedy else "teacher_forced_argmax_exact_match",
+      "options": options,
       "chance": chance_accuracy(task, options),
       "accuracy": float(sum(r["accuracy"] * r["n"] for r in rows) / max(total, 1)),
       "query_accuracy": float(sum(r["query_accuracy"] * r["n"] for r in rows) / max(total, 1)),

@@ -11,7 +11,7 @@ import os
 import shutil
 
 from lcjax.eval import perplexity, plots, retrieval
-from lcjax.eval.scoring import make_scorer
+from lcjax.eval.scoring import make_greedy_answerer, make_scorer
 from lcjax.sharding import make_mesh
 from lcjax.train.metrics import METRICS_FILE, read_jsonl
 
@@ -20,12 +20,14 @@ def evaluate(cfg, params, model, *, work_dir: str, step: int, writer=None, mesh=
   """Runs config.eval.tasks ("passkey", "mqar", "perplexity") on params; returns {task: result}."""
   mesh = mesh or make_mesh(cfg.mesh)
   score = make_scorer(model.forward, cfg.model, mesh)
+  generate = getattr(model, "generate", None)
+  answer = make_greedy_answerer(generate, cfg.model, mesh) if generate is not None else None
   results = {}
   for task in cfg.eval.tasks:
     if task == "perplexity":
       results[task] = perplexity.evaluate_perplexity(cfg, params, score)
     else:
-      results[task] = retrieval.evaluate_retrieval(task, cfg, params, score)
+      results[task] = retrieval.evaluate_retrieval(task, cfg, params, score, answer)
   scalars = {}
   for task, r in results.items():
     if task == "perplexity":

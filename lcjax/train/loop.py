@@ -32,15 +32,20 @@ from lcjax.train.step import BATCH_KEYS, jit_train_step, train_step
 
 
 class ModelFns(NamedTuple):
-  """The model functions the loop needs (lcjax.models' by default; tests pass small ones)."""
+  """The model functions the loop needs (lcjax.models' by default; tests pass small ones).
+
+  generate is optional: evaluation with config.eval.method="greedy" needs it.
+  """
   init: Callable
   forward: Callable
   param_logical_axes: Callable
+  generate: Callable | None = None
 
 
 def default_model_fns() -> ModelFns:
   from lcjax import models  # pylint: disable=import-outside-toplevel
-  return ModelFns(models.init, models.forward, models.param_logical_axes)
+  from lcjax.models.generate import generate  # pylint: disable=import-outside-toplevel
+  return ModelFns(models.init, models.forward, models.param_logical_axes, generate)
 
 
 def default_train_iterator(cfg: ExperimentConfig):
