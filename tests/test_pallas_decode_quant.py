@@ -34,34 +34,39 @@ def test_quantizer_round_trip_error_is_within_half_a_step(bits):
   assert np.all(np.abs(np.asarray(kd - k)) <= np.asarray(k_step) * 0.5 + 1e-5)
   assert np.all(np.abs(np.asarray(vd - v)) <= np.asarray(v_step) * 0.5 + 1e-5)
   assert float(jnp.max(jnp.abs(kd - k))) > 0          # it really quantised
+  assert kv.k_codes.dtype == jnp.int8
+  codes = dq.unpack_int4(kv.k_codes) if bits == 4 else kv.k_codes
+  half = 1 << (bits - 1)
+  assert int(codes.min()) == -half and int(codes.max()) == half - 1   # full signed range used
 
 
-@pytest.mark.parametrize("bits,q_len,value_group,prefetch",
-                         [(8, 1, 16, True), (4, 1, 16, True), (4, 2, 16, False), (8, 3, 32, False)])
-def test_quantized_decode_matches_dequantized_reference(bits, q_len, value_group, prefetch):
+@pytest.mark.parametrize("bits,q_len,value_group", [(8, 1, 16), (4, 1, 16), (4, 2, 16), (8, 3, 32)])
+def test_quantized_decode_matches_dequantized_reference(bits, q_len, value_group):
   q, k, v = _inputs(bits + q_len, q_len=q_len)
   kv = dq.quantize_kv(k, v, bits=bits, key_group=32, value_group=value_group)
   lengths = jnp.array([1, 45, 64], jnp.int32)
   out, lse = dq.quantized_decode_attention(q, kv, lengths, block_k=16, num_splits=3, interpret=True,
-                                           prefetch=prefetch, return_lse=True)
+                                           return_lse=True)
   kd, vd = dq.dequantize_kv(kv)
   ref, ref_lse = _reference(q, kd, vd, lengths)
   np.testing.assert_allclose(out, ref, atol=3e-5, rtol=3e-5)
   np.testing.assert_allclose(lse, ref_lse, atol=3e-5, rtol=3e-5)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_decode_bf16_close_to_full_precision(bits):
-  # 16-bit queries take the float16 magic-number path for the codes.
+@pytest.mark.parametrize("bits,int8_mma", [(8, False), (4, False), (8, True), (4, True)])
+def test_quantized_decode_bf16_close_to_full_precision(bits, int8_mma):
+  # 16-bit queries: codes as exact float16 (magic number), or int8 tensor-core dots.
   q, k, v = _inputs(9 + bits)
   lengths = jnp.array([64, 30, 7], jnp.int32)
   kv = dq.quantize_kv(k, v, bits=bits, key_group=32, value_group=16)
   out = dq.quantized_decode_attention(q.astype(jnp.bfloat16), kv, lengths, block_k=32, num_splits=2,
-                                      interpret=True)
+                                      int8_mma=int8_mma, interpret=True)
   kd, vd = dq.dequantize_kv(kv)
   ref, _ = _reference(q, kd, vd, lengths)
   err = np.linalg.norm(np.asarray(out, np.float32) - ref) / np.linalg.norm(ref)
-  assert out.dtype == jnp.bfloat16 and err < 1e-2
+  # int8_mma also quantises q * k_scale and p * v_scale to int8 per row: an approximation
+  # beyond bf16 rounding (about 1.5% here, with 8x outlier key channels).
+  assert out.dtype == jnp.bfloat16 and err < (3e-2 if int8_mma else 1e-2)
   full, _ = _reference(q, k, v, lengths)                 # and close to the unquantised cache
   assert np.linalg.norm(np.asarray(out, np.float32) - full) / np.linalg.norm(full) < (3e-2 if bits == 8 else 0.3)
 

@@ -3,11 +3,11 @@
 KIVI (Liu et al., 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache")
 quantises keys per channel (outliers live in a few channels) and values per token. Here:
 
-  keys:   codes [B, C, Hkv, D * bits / 8] uint8; scale, zero [B, C / key_group, Hkv, D]
+  keys:   codes [B, C, Hkv, D * bits / 8] int8; scale, zero [B, C / key_group, Hkv, D]
           (one (scale, zero) per channel per group of key_group consecutive tokens)
-  values: codes [B, C, Hkv, D * bits / 8] uint8; scale, zero [B, C, Hkv, D / value_group]
+  values: codes [B, C, Hkv, D * bits / 8] int8; scale, zero [B, C, Hkv, D / value_group]
           (one (scale, zero) per token per group of value_group consecutive channels)
-  x ~= code * scale + zero   (asymmetric; zero is the value of code 0, i.e. the group minimum)
+  x ~= code * scale + zero   (asymmetric min/max; zero is the group's mid-range, the value of code 0)
 
 int4 codes are packed two per byte, split-half: byte j of a row holds channel j in its low
 nibble and channel j + D/2 in its high nibble, so the kernel unpacks with a mask and a shift
@@ -63,25 +63,32 @@ def _check_bits(bits):
 
 
 def _quantize_groups(x, axis: int, bits: int, scale_dtype):
-  """Asymmetric min/max quantisation of x (float) over `axis`: codes uint8, scale, zero."""
-  qmax = (1 << bits) - 1
+  """Asymmetric min/max quantisation of x over `axis`: signed codes in [-2^(b-1), 2^(b-1) - 1]
+  (int8), and scale, zero with x ~= code * scale + zero (zero is the group's mid-range)."""
+  qmax, half = (1 << bits) - 1, 1 << (bits - 1)
   x = x.astype(jnp.float32)
   lo, hi = x.min(axis, keepdims=True), x.max(axis, keepdims=True)
   scale = ((hi - lo) / qmax).astype(scale_dtype)
-  zero = lo.astype(scale_dtype)
+  zero = (lo + half * (hi - lo) / qmax).astype(scale_dtype)
   s, z = scale.astype(jnp.float32), zero.astype(jnp.float32)
-  codes = jnp.clip(jnp.round((x - z) / jnp.where(s > 0, s, 1.0)), 0, qmax).astype(jnp.uint8)
+  codes = jnp.clip(jnp.round((x - z) / jnp.where(s > 0, s, 1.0)), -half, half - 1).astype(jnp.int8)
   return codes, scale, zero
 
 
 def pack_int4(codes):
-  """uint8 codes < 16, [..., D] -> [..., D/2]: low nibble channel j, high nibble channel j + D/2."""
+  """int8 codes in [-8, 7], [..., D] -> int8 [..., D/2]: low nibble channel j, high nibble j + D/2."""
   half = codes.shape[-1] // 2
-  return codes[..., :half] | (codes[..., half:] << 4)
+  u = lambda c: lax.bitcast_convert_type(c, jnp.uint8)
+  return lax.bitcast_convert_type((u(codes[..., :half]) & 15) | (u(codes[..., half:]) << 4), jnp.int8)
+
+
+def _signed_nibble(packed, part: int):
+  """int8 packed nibbles -> the signed 4-bit values of one half (arithmetic shifts sign-extend)."""
+  return (packed << 4) >> 4 if part == 0 else packed >> 4
 
 
 def unpack_int4(packed):
-  return jnp.concatenate([packed & 15, packed >> 4], axis=-1)
+  return jnp.concatenate([_signed_nibble(packed, 0), _signed_nibble(packed, 1)], axis=-1)
 
 
 def quantize_keys(k, *, bits: int, group_size: int, scale_dtype=jnp.float16):
@@ -126,65 +133,77 @@ def dequantize_kv(kv: QuantizedKV, dtype=jnp.float32):
   return k.astype(dtype), v.astype(dtype)
 
 
-# fp16 with exponent bits 0x6400 is 1024.0; OR-ing an integer c < 1024 into its mantissa gives
-# exactly 1024 + c. This turns codes into fp16 with integer ops only (the int->float conversion
-# unit is the bottleneck otherwise); the constant 1024 is folded into a per-row correction.
+# fp16 with exponent bits 0x6400 is 1024.0; OR-ing an integer u < 1024 into its mantissa gives
+# exactly 1024 + u. This turns codes into fp16 with integer ops only (the int->float conversion
+# unit is slow); the constant is folded into a per-row correction.
 _MAGIC_BITS = 0x6400
 _MAGIC = 1024.0
 
 
-def _codes_to_float(codes, dtype):
-  """uint8 codes -> dtype: exact `1024 + c` for float16 (magic number), exact `c` for float32."""
-  if dtype == jnp.float16:
-    return lax.bitcast_convert_type(codes.astype(jnp.uint16) | _MAGIC_BITS, jnp.float16)
-  return codes.astype(dtype)
+def _unsigned_codes(raw, bits: int, part: int):
+  """int8 raw bytes -> uint8 code + 2^(b-1) in [0, 2^b) of one nibble half (or the byte)."""
+  u = lax.bitcast_convert_type(raw, jnp.uint8)
+  if bits == 8:
+    return u ^ 0x80
+  return ((u & 15) if part == 0 else (u >> 4)) ^ 8
+
+
+def _signed_codes(raw, bits: int, part: int):
+  return raw if bits == 8 else _signed_nibble(raw, part)
+
+
+def _quantize_rows(x):
+  """float32 [rows, n] -> (int8 codes, float32 [rows] scale): symmetric, per row."""
+  amax = jnp.max(jnp.abs(x), axis=1)
+  sc = jnp.where(amax > 0, amax / 127.0, 1.0)
+  return jnp.floor(x / sc[:, None] + 0.5).astype(jnp.int8), sc
 
 
 def _quant_decode_kernel(len_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, o_ref, lse_ref,
                          *, scale, block_k, num_splits, group, q_len, bits, key_group, value_group,
-                         prefetch):
+                         int8_mma):
   b, split = pl.program_id(0), pl.program_id(2)
   rows, head_dim = q_ref.shape
-  cdt = q_ref.dtype                       # float16 (magic-number codes) or float32
-  offset = _MAGIC if cdt == jnp.float16 else 0.0
+  exact = q_ref.dtype == jnp.float32      # float32 queries: exact float32 maths throughout
   parts = 8 // bits                       # nibbles per byte
   width = head_dim // parts               # channels per part = bytes per row
+  half = 1 << (bits - 1)
   length = len_ref[b]
   qpos = query_positions(length, rows, group, q_len)
   q_parts = [q_ref[:, pl.ds(p * width, width)].astype(jnp.float32) for p in range(parts)]
   lo, hi = split_range((length + block_k - 1) // block_k, num_splits, split)
   f32 = lambda x: x.astype(jnp.float32)
 
-  def nibble(raw, p):
-    if bits == 8:
-      return raw
-    return raw & 15 if p == 0 else raw >> 4
-
-  def load_tile(i):
-    """Every load of tile i: codes, and the scales / zeros that go with them."""
+  def body(i, carry):
     start = pl.multiple_of(i * block_k, block_k)
     g = start // key_group
-    tile = {"k": kc_ref[pl.ds(start, block_k), :],                         # [bk, width] uint8
-            "ks": [ks_ref[g, pl.ds(p * width, width)] for p in range(parts)],
-            "kz": [kz_ref[g, pl.ds(p * width, width)] for p in range(parts)],
-            "v": [vc_ref[pl.ds(start, block_k), pl.ds(gi * value_group, value_group)]
-                  for gi in range(width // value_group)],
-            "vs": [vs_ref[pl.ds(start, block_k), c] for c in range(head_dim // value_group)],
-            "vz": [vz_ref[pl.ds(start, block_k), c] for c in range(head_dim // value_group)]}
-    return tile
-
-  def compute(i, carry, tile):
-    start = i * block_k
+    raw_k = kc_ref[pl.ds(start, block_k), :]                        # [bk, width] int8
     # k = c * ks + kz per channel: q.k = (q * ks) . c + q . kz, so the tile is never rescaled.
-    s = None
-    bias = None
-    for p in range(parts):
-      ks, kz = f32(tile["ks"][p]), f32(tile["kz"][p])
-      qk = (q_parts[p] * ks[None, :]).astype(cdt)
-      sp = plgpu.dot(qk, _codes_to_float(nibble(tile["k"], p), cdt), trans_b=True)
-      bp = jnp.sum(q_parts[p] * kz[None, :] - offset * f32(qk), axis=1)
-      s = sp if s is None else s + sp
-      bias = bp if bias is None else bias + bp
+    qk = [q_parts[p] * f32(ks_ref[g, pl.ds(p * width, width)])[None, :] for p in range(parts)]
+    bias = sum(jnp.sum(q_parts[p] * f32(kz_ref[g, pl.ds(p * width, width)])[None, :], axis=1)
+               for p in range(parts))
+    if exact:
+      s = sum(plgpu.dot(qk[p], f32(_signed_codes(raw_k, bits, p)), trans_b=True) for p in range(parts))
+    elif int8_mma:
+      # int8 tensor cores: q * ks quantised per row (as SageAttention does for Q K^T), the signed
+      # codes taken as they are stored.
+      amax = jnp.max(jnp.stack([jnp.max(jnp.abs(x), axis=1) for x in qk]), axis=0) if parts > 1 else \
+          jnp.max(jnp.abs(qk[0]), axis=1)
+      sq = jnp.where(amax > 0, amax / 127.0, 1.0)
+      s = None
+      for p in range(parts):
+        qi = jnp.floor(qk[p] / sq[:, None] + 0.5).astype(jnp.int8)
+        sp = plgpu.dot(qi, _signed_codes(raw_k, bits, p), trans_b=True)
+        s = sp if s is None else s + sp
+      s = f32(s) * sq[:, None]
+    else:
+      s = None
+      for p in range(parts):
+        qh = qk[p].astype(jnp.float16)
+        codes = lax.bitcast_convert_type(_unsigned_codes(raw_k, bits, p).astype(jnp.uint16) | _MAGIC_BITS,
+                                         jnp.float16)                # exactly 1024 + half + c
+        sp = plgpu.dot(qh, codes, trans_b=True) - (_MAGIC + half) * jnp.sum(f32(qh), axis=1)[:, None]
+        s = sp if s is None else s + sp
     s = (s + bias[:, None]) * scale
     kpos = start + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
     mask = kpos <= qpos[:, None]
@@ -193,47 +212,48 @@ def _quant_decode_kernel(len_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref,
       # v = c * vs + vz per token (per channel group): p @ v = (p * vs) @ c + p . vz.
       outs = [None] * (head_dim // value_group)
       for gi in range(width // value_group):                      # byte groups
+        raw_v = vc_ref[pl.ds(start, block_k), pl.ds(gi * value_group, value_group)]
         for p in range(parts):
           col = p * (width // value_group) + gi                     # channel group index
-          vs, vz = f32(tile["vs"][col]), f32(tile["vz"][col])
-          ps = (pr * vs[None, :]).astype(cdt)
-          corr = jnp.sum(pr * vz[None, :] - offset * f32(ps), axis=1)
-          outs[col] = plgpu.dot(ps, _codes_to_float(nibble(tile["v"][gi], p), cdt)) + corr[:, None]
+          vs = f32(vs_ref[pl.ds(start, block_k), col])
+          vz = f32(vz_ref[pl.ds(start, block_k), col])
+          ps = pr * vs[None, :]
+          corr = jnp.sum(pr * vz[None, :], axis=1)
+          if exact:
+            o = plgpu.dot(ps, f32(_signed_codes(raw_v, bits, p)))
+          elif int8_mma:
+            pi, sp = _quantize_rows(ps)
+            o = f32(plgpu.dot(pi, _signed_codes(raw_v, bits, p))) * sp[:, None]
+          else:
+            ph = ps.astype(jnp.float16)
+            codes = lax.bitcast_convert_type(
+                _unsigned_codes(raw_v, bits, p).astype(jnp.uint16) | _MAGIC_BITS, jnp.float16)
+            o = plgpu.dot(ph, codes) - (_MAGIC + half) * jnp.sum(f32(ph), axis=1)[:, None]
+          outs[col] = o + corr[:, None]
       return tuple(outs)
 
     return online_softmax_step(carry, s, mask, v_dot)
 
   acc = tuple(jnp.zeros((rows, value_group), jnp.float32) for _ in range(head_dim // value_group))
   carry = (acc, jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32))
-  if prefetch:
-    # Register double-buffering: issue tile i+1's loads before computing on tile i, so the
-    # small scale loads (which the compiler does not pipeline) overlap with the maths.
-    last_tile = kc_ref.shape[0] // block_k - 1
-
-    def body(i, state):
-      carry, tile = state
-      nxt = load_tile(jnp.minimum(i + 1, jnp.maximum(hi - 1, 0)))
-      return compute(i, carry, tile), nxt
-
-    carry, _ = lax.fori_loop(lo, hi, body, (carry, load_tile(jnp.minimum(lo, last_tile))))
-  else:
-    carry = lax.fori_loop(lo, hi, lambda i, c: compute(i, c, load_tile(i)), carry)
-  finish(o_ref, lse_ref, carry)
+  finish(o_ref, lse_ref, lax.fori_loop(lo, hi, body, carry))
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "scale", "block_k", "num_splits", "num_warps", "num_stages", "prefetch", "interpret",
+    "scale", "block_k", "num_splits", "num_warps", "num_stages", "int8_mma", "interpret",
     "return_lse"))
 def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | None = None,
                                block_k: int | None = None, num_splits: int | None = None,
-                               num_warps: int = 4, num_stages: int = 3, prefetch: bool = True,
+                               num_warps: int = 4, num_stages: int = 3, int8_mma: bool = False,
                                interpret: bool = False, return_lse: bool = False):
   """Decode attention of q [B, T, Hq, D] (bf16/f16/f32) over a QuantizedKV cache.
 
   Same contract as pallas_kernels.gpu.decode.decode_attention; block_k must divide the key
   group (default min(128, key_group)). Scales are folded into the query / probability side, so
   the codes go to the tensor cores unscaled (float16 for bf16/fp16 queries, float32 otherwise).
-  prefetch: load tile i+1 (codes and scales) before computing on tile i.
+  int8_mma: for 16-bit queries, run both dots on the int8 tensor cores (q * k_scale and
+    p * v_scale quantised to int8 per row, SageAttention-style); otherwise the codes become
+    float16 exactly and the dots run in float16. float32 queries always take exact float32 dots.
   """
   batch, q_len, q_heads, head_dim = q.shape
   capacity, kv_heads = kv.k_codes.shape[1], kv.k_codes.shape[2]
@@ -250,12 +270,11 @@ def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | No
     raise ValueError(f"block_k={bk} must divide key_group={key_group} and capacity={capacity}")
   scale = head_dim ** -0.5 if scale is None else scale
   splits = num_splits or default_num_splits(batch, kv_heads, capacity // bk)
-  # Dots run in float16 for 16-bit queries (codes become fp16 exactly), float32 for float32.
-  qp, rows = pack_queries(q.astype(jnp.float32 if q.dtype == jnp.float32 else jnp.float16), kv_heads)
+  qp, rows = pack_queries(q, kv_heads)
   kernel = functools.partial(
       _quant_decode_kernel, scale=scale, block_k=bk, num_splits=splits, group=q_heads // kv_heads,
       q_len=q_len, bits=bits, key_group=key_group, value_group=value_group,
-      prefetch=prefetch)
+      int8_mma=int8_mma)
   per_head = lambda x: pl.BlockSpec((None, x.shape[1], None, x.shape[3]), lambda b, h, j: (b, 0, h, 0))
   o, lse = pl.pallas_call(
       kernel,
