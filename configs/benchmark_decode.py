@@ -7,13 +7,12 @@ CONFIG = dict(
     batch=8, q_heads=32, kv_heads=8, head_dim=128,
     lengths=(32768, 131072),
     # (block_k, num_splits, num_warps, num_stages) tried for the dense kernel; best one reported.
-    dense_sweep=((64, 16, 4, 3), (128, 16, 4, 3), (128, 16, 8, 3), (64, 8, 4, 4), (128, 8, 4, 4),
-                 (64, 8, 4, 3), (128, 12, 4, 3)),
-    # (block_k, num_splits, num_warps, num_stages, prefetch) for the int8 / int4 kernels.
-    quant_sweep=((128, 16, 4, 3, False), (128, 16, 4, 1, True), (128, 16, 4, 2, True), (64, 32, 4, 1, True),
-                 (128, 32, 8, 2, True), (64, 16, 4, 3, False), (128, 8, 4, 1, True)),
+    dense_sweep=((64, 8, 4, 4), (128, 16, 4, 3), (64, 16, 4, 3)),
+    # (block_k, num_splits, num_warps, num_stages, int8_mma) for the int8 / int4 kernels.
+    quant_sweep=((64, 16, 4, 3, False), (64, 16, 4, 3, True), (128, 16, 4, 3, True), (64, 32, 4, 3, True),
+                 (32, 32, 4, 3, False), (32, 32, 4, 3, True), (64, 16, 8, 3, True)),
     key_group=128, value_groups=(64, 128),   # int4 takes only groups <= D/2
-    sparse_fractions=(0.125, 0.25), sparse_block=128, sparse_splits=(4, 8, 16, 32),
+    sparse_fractions=(0.125, 0.25), sparse_block=128, sparse_splits=(4, 8),
     iters=30, repeats=5,
     baselines=("cudnn", "xla", "jax_pallas"),
     mode="benchmark",            # or "profile": one call of each kernel, for ncu

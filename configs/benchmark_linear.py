@@ -6,8 +6,8 @@ PYTHONPATH=. python3 -m experiments.benchmark_linear --config configs/benchmark_
 CONFIG = dict(
     batch=1, heads=16, head_dim=128, lengths=(8192, 32768),
     # (chunk_size, block_v, num_warps, num_stages) tried; the best forward is reported.
-    sweep=((64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 4, 2),
-           (64, 32, 4, 3), (32, 32, 4, 2)),
+    sweep=((64, 32, 4, 3), (64, 16, 4, 3), (64, 16, 4, 4), (64, 32, 4, 4), (64, 16, 2, 3), (128, 16, 4, 3),
+           (32, 16, 4, 4)),
     check_len=8192,
     fla=False,                  # flash-linear-attention autotunes for minutes: off by default
     iters=20, repeats=5,
