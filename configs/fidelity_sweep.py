@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.sources = ("synthetic", "model")
   c.block = 32                         # block_q = block_kv for every method
   c.synthetic = dict(batch=1, seq_len=1024, q_heads=8, kv_heads=4, head_dim=64, seed=0,
-                     planted_blocks=6, verticals=3, slash_offsets=(3, 17), strength=0.5)
+                     planted_blocks=6, verticals=3, slash_offsets=(3, 17), gain=6.0)
   c.model = dict(config=dict(vocab_size=384, dim=256, n_layers=2, n_heads=8, n_kv_heads=4, hidden_dim=512,
                              max_seq_len=4096),
                  seed=0, layers=(0, 1), batch=1, seq_len=1024)
@@ -29,9 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
       landmark=(1, 2, 4, 8),
       sale=(1, 2, 4, 8),
       hip=(1, 2, 4, 8),
-      vertical_slash=(16, 64, 128, 256),
-      flexprefill=(0.5, 0.8, 0.9, 0.95),
-      centroid=(0.1, 0.03, 0.01, 0.003),
+      vertical_slash=(2, 4, 8, 16),
+      flexprefill=(0.3, 0.5, 0.7, 0.9),
+      centroid=(0.5, 0.3, 0.2, 0.1),
   )
   c.flexprefill_tau = 0.1
   c.centroid_clusters = 32

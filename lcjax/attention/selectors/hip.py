@@ -25,7 +25,8 @@ from lcjax.attention.selectors import common
 def _score_nodes(q_blocks, k, start, end, block_kv: int, kv_len: int):
   """Best q · k[middle key of the node] over each block's queries; -inf for empty nodes.
 
-  q_blocks [B, H, nQ, bq, D] float32, k [B, Tk, H, D] (already repeated to the query heads); start/end [B, H, nQ, N] in key blocks. Returns [B, H, nQ, N].
+  q_blocks [B, H, nQ, bq, D] float32; k [B, Tk, H, D], already repeated to the query heads;
+  start/end [B, H, nQ, N] in key blocks. Returns [B, H, nQ, N].
   """
   first, last = start * block_kv, jnp.minimum(end * block_kv, kv_len) - 1
   middle = jnp.clip((first + last) // 2, 0, kv_len - 1)
@@ -46,7 +47,7 @@ def select(q, k, budget: int, *, block_q: int = 64, block_kv: int = 64, sink_tok
     budget: static int in [1, ceil(Tk / block_kv)].
   """
   block_q, block_kv = common.check_inputs(q, k, block_q, block_kv)
-  batch, q_len, heads, dim = q.shape
+  batch, q_len, heads, _ = q.shape
   kv_len = k.shape[1]
   n_q, n_kv = _cdiv(q_len, block_q), _cdiv(kv_len, block_kv)
   budget = common.check_budget("budget", budget, 1, n_kv)
