@@ -176,3 +176,55 @@ def test_bad_arguments_are_named(call, match):
   q, k = random_qk()
   with pytest.raises(ValueError, match=match):
     call(q, k)
+
+
+def _causal_blocks_and_diagonal():
+  """NumPy [nQ, nK] tables: causally visible blocks, and the blocks holding each query's own key."""
+  qpos = np.arange(TK - TQ, TK)
+  allowed = np.zeros((TQ // BLOCK, N_KV), bool)
+  diagonal = np.zeros_like(allowed)
+  for t, pos in enumerate(qpos):
+    allowed[t // BLOCK, :pos // BLOCK + 1] = True
+    diagonal[t // BLOCK, pos // BLOCK] = True
+  return allowed, diagonal
+
+
+def test_flexprefill_query_aware_keeps_the_fewest_blocks_reaching_gamma():
+  q, k = random_qk(10)
+  gamma = 0.6
+  layout = flexprefill.select(q, k, gamma, tau=1.0, block_q=BLOCK, block_kv=BLOCK)   # tau=1: query-aware
+  qn, kn = np.asarray(q, np.float64), np.repeat(np.asarray(k, np.float64), 2, 2)
+  pooled_q = qn.reshape(B, TQ // BLOCK, BLOCK, HQ, D).mean(2)
+  pooled_k = kn.reshape(B, N_KV, BLOCK, HQ, D).mean(2)
+  allowed, diagonal = _causal_blocks_and_diagonal()
+  logits = np.where(allowed, np.einsum("bihd,bjhd->bhij", pooled_q, pooled_k) * D ** -0.5, -np.inf)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  order = np.argsort(-probs, -1)
+  ranked = np.take_along_axis(probs, order, -1)
+  keep_ranked = (np.cumsum(ranked, -1) - ranked < gamma) & (ranked > 0)
+  want = np.zeros_like(keep_ranked)
+  np.put_along_axis(want, order, keep_ranked, -1)
+  want |= diagonal
+  want[..., 0] = True                                               # the sink block
+  np.testing.assert_array_equal(np.asarray(layout.block_mask()[0]), want)
+
+
+def test_centroid_selection_matches_numpy():
+  q, k = planted_qk(11, strength=2.0)
+  cents, assign = centroid.kmeans(k, 5, iters=6)
+  threshold = 0.2
+  layout = centroid.select(q, k, cents, assign, threshold, block_q=BLOCK, block_kv=BLOCK)
+  cn, an = np.asarray(cents, np.float64), np.asarray(assign)
+  counts = np.stack([(an == c).sum(-1) for c in range(5)], -1)                       # [B, Hkv, C]
+  logits = np.einsum("bqhd,bhcd->bhqc", np.asarray(q, np.float64), np.repeat(cn, 2, 1)) * D ** -0.5
+  logits = np.where(np.repeat(counts, 2, 1)[:, :, None] > 0,
+                    logits + np.log(np.maximum(np.repeat(counts, 2, 1), 1))[:, :, None], -np.inf)
+  share = np.exp(logits - logits.max(-1, keepdims=True))
+  share /= share.sum(-1, keepdims=True)
+  kept = share.reshape(B, HQ, TQ // BLOCK, BLOCK, 5).max(3) >= threshold             # [B, Hq, nQ, C]
+  member = np.stack([(an == c).reshape(B, HKV, N_KV, BLOCK).any(-1) for c in range(5)], 2)   # [B, Hkv, C, nK]
+  visible = np.einsum("bhic,bhcj->bhij", kept.astype(int), np.repeat(member, 2, 1).astype(int)) > 0
+  allowed, diagonal = _causal_blocks_and_diagonal()
+  assert 0 < kept.mean() < 1                                           # the threshold bites
+  np.testing.assert_array_equal(np.asarray(layout.block_mask()[0]), (visible & allowed) | diagonal)

@@ -5,3 +5,4 @@ from lcjax.attention import masks
 from lcjax.attention import score_mods
 from lcjax.attention.layouts import to_layout
 from lcjax.attention.reference import attention_reference
+from lcjax.attention import fidelity, selectors
