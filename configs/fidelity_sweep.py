@@ -3,8 +3,8 @@
     python -m experiments.fidelity_sweep --config configs/fidelity_sweep.py [--config.block=64]
 
 Sources of q/k/v: "synthetic" (random plus planted structure: heavy blocks, vertical lines with a
-sink, slash lines) and "model" (a Llama-family model, randomly initialised unless a trained one
-is wired in later, run on Python standard-library source text, byte-level).
+sink, slash lines) and "model" (a Llama-family model, randomly initialised unless a trained run
+is named in model.checkpoint, run on Python standard-library source text, byte-level).
 """
 
 import ml_collections
@@ -18,7 +18,10 @@ def get_config() -> ml_collections.ConfigDict:
                      planted_blocks=6, verticals=3, slash_offsets=(3, 17), gain=6.0)
   c.model = dict(config=dict(vocab_size=384, dim=256, n_layers=2, n_heads=8, n_kv_heads=4, hidden_dim=512,
                              max_seq_len=4096),
-                 seed=0, layers=(0, 1), batch=1, seq_len=1024)
+                 seed=0, layers=(0, 1), batch=1, seq_len=1024,
+                 # A trained run instead of the random model above: its config file and work dir,
+                 # e.g. config_file="configs/quickstart.py", work_dir="runs/quickstart".
+                 checkpoint=dict(config_file="", work_dir=""))
   # method -> budgets: key blocks per query block for the top-k methods, window blocks for
   # streaming (plus one sink block), lines of each kind for vertical_slash, gamma for
   # flexprefill, the cluster threshold for centroid.

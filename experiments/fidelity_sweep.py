@@ -116,6 +116,48 @@ def capture_qkv(params, cfg, tokens, layer: int):
   return rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin), v
 
 
+def load_run_config(config_file: str):
+  """The parsed ExperimentConfig of a training run's config file (e.g. configs/quickstart.py)."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  from lcjax.config import parse_config  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location("run_config", config_file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return parse_config(module.get_config())
+
+
+def restore_params(run_cfg, work_dir: str):
+  """(params, step) of the latest checkpoint under work_dir/checkpoints of a run trained with run_cfg."""
+  from lcjax import train  # pylint: disable=import-outside-toplevel
+  from lcjax.models import llama  # pylint: disable=import-outside-toplevel
+  from lcjax.sharding.mesh import make_mesh  # pylint: disable=import-outside-toplevel
+  tx, _ = train.make_optimizer(run_cfg.optimizer, run_cfg.train.num_steps)
+  target, _ = train.abstract_state(run_cfg.model, tx, make_mesh(run_cfg.mesh), init=llama.init,
+                                   param_logical_axes=llama.param_logical_axes)
+  checkpointer = train.Checkpointer(os.path.join(work_dir, "checkpoints"), asynchronous=False)
+  step = checkpointer.latest_step()
+  if step is None:
+    raise ValueError(f"config.model.checkpoint.work_dir={work_dir!r} holds no checkpoint; accepted: the "
+                     "work dir of a finished training run (with a checkpoints/ folder)")
+  state = checkpointer.restore(step, target)
+  checkpointer.close()
+  return state["params"], step
+
+
+def model_and_params(model_config):
+  """(ModelConfig, params, description): a trained run's when model.checkpoint is set, else random init."""
+  from lcjax.models import ModelConfig, init  # pylint: disable=import-outside-toplevel
+  ckpt = model_config.checkpoint
+  if ckpt.config_file:
+    if not ckpt.work_dir:
+      raise ValueError("config.model.checkpoint.work_dir is empty; accepted: the run's work dir")
+    run_cfg = load_run_config(ckpt.config_file)
+    params, step = restore_params(run_cfg, ckpt.work_dir)
+    return run_cfg.model, params, f"trained ({ckpt.work_dir}, step {step})"
+  cfg = ModelConfig(**model_config.config.to_dict())
+  return cfg, init(jax.random.key(model_config.seed), cfg), f"random init (seed {model_config.seed})"
+
+
 def qkv_sources(config):
   """Yields (label, q, k, v) for every configured source."""
   for source in config.sources:
@@ -124,11 +166,9 @@ def qkv_sources(config):
     if source == "synthetic":
       yield "synthetic", *synthetic_qkv(config.synthetic, config.block)
     else:
-      from lcjax.models import ModelConfig, init  # pylint: disable=import-outside-toplevel
-      cfg = ModelConfig(**config.model.config.to_dict())
-      params = init(jax.random.key(config.model.seed), cfg)
+      cfg, params, description = model_and_params(config.model)
       tokens, paths = stdlib_tokens(config.model.batch, config.model.seq_len)
-      print(f"model source: random init, text from {paths}")
+      print(f"model source: {description}, text from {paths}")
       for layer in config.model.layers:
         yield f"model-L{layer}", *capture_qkv(params, cfg, tokens, layer)
 

@@ -61,3 +61,32 @@ def test_tiny_sweep_writes_table_and_plot(tmp_path):
   with open(tmp_path / "fidelity.csv") as f:
     assert len(list(csv.DictReader(f))) == len(rows)
   assert (tmp_path / "fidelity.png").stat().st_size > 0 and (tmp_path / "fidelity.md").exists()
+
+
+def test_trained_params_are_restored_from_a_run(tmp_path):
+  from lcjax import train
+  from lcjax.models import llama
+  from lcjax.sharding.mesh import make_mesh
+  config_file = tmp_path / "tiny_run.py"
+  config_file.write_text(
+      "import importlib.util\n"
+      "def get_config():\n"
+      f"  spec = importlib.util.spec_from_file_location('qs', {str(ROOT / 'configs' / 'quickstart.py')!r})\n"
+      "  module = importlib.util.module_from_spec(spec)\n"
+      "  spec.loader.exec_module(module)\n"
+      "  c = module.get_config()\n"
+      "  c.model.update(dim=32, n_heads=2, n_kv_heads=1, hidden_dim=64)\n"
+      "  return c\n")
+  run_cfg = fidelity_sweep.load_run_config(str(config_file))
+  tx, _ = train.make_optimizer(run_cfg.optimizer, run_cfg.train.num_steps)
+  state, _ = train.init_state(jax.random.key(3), run_cfg.model, tx, make_mesh(run_cfg.mesh), init=llama.init,
+                              param_logical_axes=llama.param_logical_axes)
+  ckpt = train.Checkpointer(tmp_path / "run" / "checkpoints", asynchronous=False)
+  ckpt.save(7, state)
+  ckpt.close()
+  config = load_config()
+  with config.unlocked():
+    config.model.checkpoint.update(config_file=str(config_file), work_dir=str(tmp_path / "run"))
+  cfg, params, description = fidelity_sweep.model_and_params(config.model)
+  assert cfg == run_cfg.model and "step 7" in description
+  jax.tree.map(np.testing.assert_array_equal, params, state["params"])
