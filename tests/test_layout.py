@@ -119,3 +119,17 @@ def test_property_layout_is_exact(mask, q_len, kv_len, bq, bk, offset):
   np.testing.assert_array_equal(full[0], want_full)
   counts = np.asarray(layout.kv_counts[0, 0])
   assert (np.asarray(layout.kv_indices[0, 0])[:, :max(counts.max(initial=0), 1)] < layout.num_kv_blocks).all()
+
+
+@hypothesis.settings(max_examples=15, deadline=None)
+@hypothesis.given(mask=_mask_strategy(), q_len=st.integers(1, 20), kv_len=st.integers(1, 20), bq=st.integers(1, 6),
+                  bk=st.integers(1, 6), seed=st.integers(0, 2 ** 16))
+def test_property_segment_layout_is_exact(mask, q_len, kv_len, bq, bk, seed):
+  rng = np.random.default_rng(seed)
+  seg = np.sort(rng.integers(0, 3, (2, q_len)), axis=1).astype(np.int32)
+  kv_seg = np.sort(rng.integers(0, 3, (2, kv_len)), axis=1).astype(np.int32)
+  layout = to_layout(mask, q_len, kv_len, bq, bk, segment_ids=jnp.asarray(seg), kv_segment_ids=jnp.asarray(kv_seg))
+  visible, full = layout.block_mask()
+  want_visible, want_full = oracle(mask, q_len, kv_len, bq, bk, 0, seg, kv_seg)
+  np.testing.assert_array_equal(visible[:, 0], want_visible)
+  np.testing.assert_array_equal(full[:, 0], want_full)
