@@ -20,9 +20,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_dir = "runs/quickstart"
   c.train_if_missing = True
   c.work_dir = "runs/evaluate_caches"
-  # Tokens per update while teacher-forcing a sequence through the caches (1 = every token is a
-  # decode step; larger chunks are faster, and the evicting caches then hold budget + chunk).
-  c.chunk = 8
+  # Prefill chunk (tokens per update; the evicting caches hold budget + chunk while prefilling),
+  # and the tokens at the end of each sequence decoded one at a time (the passkey answer's).
+  c.chunk = 32
+  c.decode_tail = 16
   c.examples_per_cell = 16
   c.perplexity_examples = 32
   c.decode_steps = 16                   # timed decode steps per configuration

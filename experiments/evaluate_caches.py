@@ -4,12 +4,15 @@ memory and decode time, on the trained quickstart model.
     python -m experiments.evaluate_caches --config configs/evaluate_caches.py
 
 For each (policy, value) a CacheConfig builds one cache per layer (lcjax.cache.make_caches). A
-sequence is teacher-forced through the model in chunks of config.chunk tokens, writing to and
-reading from the caches exactly as generate() does, so a query sees only what the policy kept
-(compressing as it goes); the same per-token scores as lcjax.eval give passkey accuracy (exact
+sequence is teacher-forced through the model, writing to and reading from the caches as generate()
+does: prefilled in chunks of config.chunk tokens (the caches compress as they go), then its last
+config.decode_tail or more tokens (the passkey answer among them) decoded one at a time, so a
+query sees only what the policy kept; the same per-token scores as lcjax.eval give passkey accuracy (exact
 match of the answer, by length and needle depth) and perplexity. Memory is the sum over layers of
 memory_bytes() for one sequence of the evaluation length; decode time is the median of jitted
-one-token steps after a prefill. Writes results.json, results.md and heatmaps.png to work_dir.
+one-token steps after a prefill. Two perplexities: over the passkey examples' text (the quickstart
+model's own domain) and over Python standard-library source (lcjax.eval's default, out of domain
+for a model trained on passkey only). Writes results.json, results.md and heatmaps.png to work_dir.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from lcjax.models import llama  # pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/evaluate_caches.py", "Evaluation configuration.")
 KEYS = ("experiment", "checkpoint_dir", "train_if_missing", "work_dir", "chunk", "examples_per_cell",
-        "perplexity_examples", "decode_steps", "policies", "only")
+        "perplexity_examples", "decode_steps", "decode_tail", "policies", "only")
 
 
 def load_params(cfg, checkpoint_dir: str, train_if_missing: bool):
@@ -68,39 +71,72 @@ def new_caches(cache_cfg: CacheConfig, model_cfg, batch: int, capacity: int):
                      head_dim=model_cfg.head_dim, batch=batch, capacity=capacity, dtype=model_cfg.compute_dtype)
 
 
-def make_cached_scorer(model_cfg, cache_cfg: CacheConfig, chunk: int):
-  """score(params, batch) -> {"nll", "correct"} [B, T], teacher-forced through the caches."""
+def make_cached_scorer(model_cfg, cache_cfg: CacheConfig, chunk: int, decode_tail: int):
+  """score(params, batch) -> {"nll", "correct"} [B, T], teacher-forced through the caches.
+
+  The first tokens (a whole number of chunks, leaving at least decode_tail) are prefilled in
+  chunks of `chunk`; the rest are decoded one token at a time, as generate() would (the passkey
+  answer must lie in that decoded tail: a ValueError says so otherwise).
+  """
+
+  def forward_through(params, tokens, caches, starts, width):
+    b = tokens.shape[0]
+
+    def step(caches, start):
+      toks = jax.lax.dynamic_slice_in_dim(tokens, start, width, axis=1)
+      positions = jnp.broadcast_to(start + jnp.arange(width, dtype=jnp.int32), (b, width))
+      logits, caches = llama.forward(params, toks, positions, caches, cfg=model_cfg)
+      return caches, logits.astype(jnp.float32)
+
+    caches, logits = jax.lax.scan(step, caches, starts)
+    return caches, jnp.moveaxis(logits, 0, 1).reshape(b, -1, logits.shape[-1])
 
   @jax.jit
   def score(params, tokens, targets):
     b, t = tokens.shape
-    caches = new_caches(cache_cfg, model_cfg, b, t)
-
-    def step(caches, start):
-      toks = jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1)
-      positions = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
-      logits, caches = llama.forward(params, toks, positions, caches, cfg=model_cfg)
-      return caches, logits.astype(jnp.float32)
-
-    _, logits = jax.lax.scan(step, caches, jnp.arange(0, t, chunk, dtype=jnp.int32))
-    logits = jnp.moveaxis(logits, 0, 1).reshape(b, t, -1)
+    prefill = max(t - decode_tail, 0) // chunk * chunk
+    caches = new_caches(cache_cfg, model_cfg, b, -(-t // 64) * 64)
+    caches, head = forward_through(params, tokens, caches, jnp.arange(0, prefill, chunk, dtype=jnp.int32), chunk)
+    _, tail = forward_through(params, tokens, caches, jnp.arange(prefill, t, dtype=jnp.int32), 1)
+    logits = jnp.concatenate([head, tail], 1)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     return {"nll": nll, "correct": jnp.argmax(logits, -1) == targets}
 
   def run(params, batch):
     tokens, targets = (np.asarray(batch[k], np.int32) for k in ("tokens", "targets"))
-    pad = -tokens.shape[1] % chunk                      # whole chunks; the padding is never scored
-    tokens, targets = (np.pad(x, ((0, 0), (0, pad))) for x in (tokens, targets))
+    t = tokens.shape[1]
+    if "loss_mask" in batch and "answer_start" in batch:
+      first_decoded = max(t - decode_tail, 0) // chunk * chunk
+      if np.any((np.asarray(batch["loss_mask"]) > 0)[:, :first_decoded]):
+        raise ValueError(f"config.decode_tail={decode_tail}: answers start before the decoded tail "
+                         f"(position {first_decoded}); use a longer tail")
     out = score(params, tokens, targets)
-    return {k: np.asarray(v)[:, :tokens.shape[1] - pad] for k, v in out.items()}
+    return {k: np.asarray(v) for k, v in out.items()}
 
   return run
 
 
+class InDomainNLL:
+  """Wraps a scorer; accumulates the NLL of every real token of the passkey examples scored."""
+
+  def __init__(self, score):
+    self.score, self.nll, self.count = score, 0.0, 0
+
+  def __call__(self, params, batch):
+    out = self.score(params, batch)
+    real = (np.asarray(batch["segment_ids"]) > 0) & np.asarray(batch["valid"])[:, None]
+    self.nll += float(np.sum(np.where(real, out["nll"], 0.0)))
+    self.count += int(real.sum())
+    return out
+
+  @property
+  def perplexity(self) -> float:
+    return float(np.exp(self.nll / max(self.count, 1)))
+
+
 def decode_ms(params, model_cfg, cache_cfg: CacheConfig, prompt_len: int, steps: int, chunk: int) -> float:
   """Median wall time (ms) of one jitted decode step (batch 1) after a prefill of prompt_len tokens."""
-  capacity = prompt_len + steps
-  caches = new_caches(cache_cfg, model_cfg, 1, capacity + (-capacity % chunk))
+  caches = new_caches(cache_cfg, model_cfg, 1, -(-(prompt_len + steps) // 64) * 64)
   fwd = jax.jit(lambda p, tok, pos, c: llama.forward(p, tok, pos, c, cfg=model_cfg))
   rng = np.random.default_rng(0)
   for s in range(0, prompt_len, chunk):
@@ -117,23 +153,26 @@ def decode_ms(params, model_cfg, cache_cfg: CacheConfig, prompt_len: int, steps:
 
 
 def evaluate_one(cfg, params, cache_cfg: CacheConfig, config) -> dict:
-  score = make_cached_scorer(cfg.model, cache_cfg, config.chunk)
-  passkey = retrieval.evaluate_retrieval("passkey", cfg, params, score)
+  score = make_cached_scorer(cfg.model, cache_cfg, config.chunk, config.decode_tail)
+  in_domain = InDomainNLL(score)
+  passkey = retrieval.evaluate_retrieval("passkey", cfg, params, in_domain)
   ppl = perplexity.evaluate_perplexity(cfg, params, score)
+  ppl["passkey_text_perplexity"] = in_domain.perplexity
   length = max(cfg.eval.lengths)
   dense = sum(c.memory_bytes() for c in new_caches(CacheConfig(), cfg.model, 1, length))
   memory = sum(c.memory_bytes() for c in new_caches(cache_cfg, cfg.model, 1, length))
   return {"passkey": passkey, "perplexity": ppl, "memory_bytes": memory, "memory_vs_dense": memory / dense,
-          "decode_ms": decode_ms(params, cfg.model, cache_cfg, length - config.chunk, config.decode_steps,
-                                 config.chunk)}
+          "decode_ms": decode_ms(params, cfg.model, cache_cfg, length // config.chunk * config.chunk - config.chunk,
+                                 config.decode_steps, config.chunk)}
 
 
 def results_table(rows: list[dict]) -> str:
-  lines = ["| policy | setting | passkey acc | perplexity | memory (KiB) | vs dense | decode ms/step |",
-           "|---|---|---|---|---|---|---|"]
+  lines = ["| policy | setting | passkey acc | passkey-text ppl | stdlib ppl | memory (KiB) | vs dense | "
+           "decode ms/step |", "|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['policy']} | {r['field']}={r['value']} | {r['passkey']['accuracy']:.3f} | "
-                 f"{r['perplexity']['perplexity']:.3f} | {r['memory_bytes'] / 1024:.1f} | "
+                 f"{r['perplexity']['passkey_text_perplexity']:.3f} | {r['perplexity']['perplexity']:.4g} | "
+                 f"{r['memory_bytes'] / 1024:.1f} | "
                  f"{r['memory_vs_dense']:.2f} | {r['decode_ms']:.2f} |")
   return "\n".join(lines)
 
@@ -177,7 +216,7 @@ def main(argv):
       rows.append({"policy": policy, "field": field, "value": value, "cache_config": dataclasses.asdict(cache_cfg),
                    **r})
       print(f"{policy:10s} {field}={value}: passkey {r['passkey']['accuracy']:.3f} ppl "
-            f"{r['perplexity']['perplexity']:.3f} mem {r['memory_vs_dense']:.2f}x decode {r['decode_ms']:.2f} ms "
+            f"{r['perplexity']['passkey_text_perplexity']:.3f} / {r['perplexity']['perplexity']:.4g} mem {r['memory_vs_dense']:.2f}x decode {r['decode_ms']:.2f} ms "
             f"({time.perf_counter() - t0:.0f} s)", flush=True)
       with open(os.path.join(config.work_dir, "results.json"), "w", encoding="utf-8") as f:
         json.dump({"checkpoint_step": step, "chunk": config.chunk, "device": jax.devices()[0].device_kind,
