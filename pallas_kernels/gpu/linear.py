@@ -49,11 +49,15 @@ def _linear_fwd_kernel(decay_ref, q_ref, k_ref, v_ref, o_ref, state_ref, *, chun
     v = v_ref[rows, :]
     s = plgpu.dot(q, k, trans_b=True)
     s = s * intra if has_decay else jnp.where(i >= j, s, 0.0)
-    qs = (q.astype(jnp.float32) * q_decay[:, None]).astype(dtype) if has_decay else q
-    o = plgpu.dot(s.astype(dtype), v) + plgpu.dot(qs, state.astype(dtype))
+    # Decays scale the small operands (rows of q S, rows of v) so that q and k go to the tensor
+    # cores straight from memory.
+    inter = plgpu.dot(q, state.astype(dtype))
+    if has_decay:
+      inter = inter * q_decay[:, None]
+    o = plgpu.dot(s.astype(dtype), v) + inter
     o_ref[rows, :] = o.astype(o_ref.dtype)
-    ks = (k.astype(jnp.float32) * k_decay[:, None]).astype(dtype) if has_decay else k
-    update = plgpu.dot(ks, v, trans_a=True)
+    vs = (v.astype(jnp.float32) * k_decay[:, None]).astype(dtype) if has_decay else v
+    update = plgpu.dot(k, vs, trans_a=True)
     return (chunk_decay * state + update) if has_decay else (state + update)
 
   state = lax.fori_loop(0, num_chunks, body, jnp.zeros((dk, block_v), jnp.float32))
