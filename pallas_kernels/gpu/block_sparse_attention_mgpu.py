@@ -282,6 +282,17 @@ def _wgmma_acc(acc, a, b):
   return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
+def _wgmma_two(acc, ab1, ab2, shape):
+  """(acc + a1 @ b1, a2 @ b2): two independent products issued together, one wait for both.
+
+  acc None starts the first from zero; accumulators are float32 [shape]."""
+  def body(refs):
+    plgpu.wgmma(refs[0], *ab1)
+    plgpu.wgmma(refs[1], *ab2)
+  zeros = plgpu.layout_cast(jnp.full(shape, 0, jnp.float32), plgpu.Layout.WGMMA)
+  return pl.run_state(body)((plgpu.ACC.init(zeros if acc is None else acc), plgpu.ACC.init(zeros)))
+
+
 def _dq_kernel(idx_ref, cnt_ref, nfull_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
                smem, bars, consumed, *, mask_fn, scale, kv_len, q_offset, head_dim, dtype, q_heads, table_batch,
                table_heads, group, max_steps, num_q_blocks):
@@ -309,8 +320,8 @@ def _dq_kernel(idx_ref, cnt_ref, nfull_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
     plgpu.copy_gmem_to_smem(delta_ref.at[row_sl], delta_smem2.at[wg_idx], delta_bars.at[wg_idx])
     for b in (q_bars, do_bars, lse_bars, delta_bars):
       plgpu.barrier_wait(b.at[wg_idx])
-    lse = plgpu.load(lse_smem2.at[wg_idx], (), layout=plgpu.Layout.WGMMA.reduce(1))
-    delta = plgpu.load(delta_smem2.at[wg_idx], (), layout=plgpu.Layout.WGMMA.reduce(1))
+    lse = plgpu.load(lse_smem2.at[wg_idx], layout=plgpu.Layout.WGMMA.reduce(1))
+    delta = plgpu.load(delta_smem2.at[wg_idx], layout=plgpu.Layout.WGMMA.reduce(1))
     n_full = nfull_ref[(*rows, 0)]
     c = scale * math.log2(math.e)
     shape = (BWD_ROWS, BLOCK_KV)
@@ -318,7 +329,11 @@ def _dq_kernel(idx_ref, cnt_ref, nfull_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
     def step_fn(step, dq, masked: bool):
       slot = lax.rem(step, jnp.array(max_steps, step.dtype))
       plgpu.barrier_wait(k_bars.at[slot])
-      s = _wgmma_scoped(q_smem, k_smem.at[slot].transpose((1, 0)), shape) * c
+      plgpu.barrier_wait(v_bars.at[slot])
+      # S = Q K^T and dP = dO V^T are independent: issue both before one wait.
+      s, dp = _wgmma_two(None, (q_smem, k_smem.at[slot].transpose((1, 0))),
+                         (do_smem, v_smem.at[slot].transpose((1, 0))), shape)
+      s = s * c
       if masked:
         kb = idx_ref[(*rows, step)]
         q_ids = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
@@ -330,8 +345,6 @@ def _dq_kernel(idx_ref, cnt_ref, nfull_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           ok = ok & mask_fn(q_ids, kv_ids)
         s = jnp.where(ok, s, -jnp.inf)
       p = jnp.exp2(s - lax.broadcast_in_dim(lse, shape, [0]))
-      plgpu.barrier_wait(v_bars.at[slot])
-      dp = _wgmma_scoped(do_smem, v_smem.at[slot].transpose((1, 0)), shape)
       ds = p * (dp - lax.broadcast_in_dim(delta, shape, [0]))
       dq = _wgmma_acc(dq, ds.astype(dtype), k_smem.at[slot])
       plgpu.barrier_arrive(consumed.at[slot])
@@ -406,13 +419,14 @@ def _dkv_kernel(idx_ref, cnt_ref, nfull_ref, q_ref, k_ref, v_ref, do_ref, lse_re
         if mask_fn is not None:
           ok = ok & mask_fn(q_ids, kv_ids)
         s_t = jnp.where(ok, s_t, -jnp.inf)
-      lse = plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+      lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
       p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse, shape, [1]))
       plgpu.barrier_wait(do_bars.at[slot])
       plgpu.barrier_wait(delta_bars.at[slot])
-      dv = _wgmma_acc(dv, p_t.astype(dtype), do_smem.at[slot])
-      dp_t = _wgmma_scoped(v_smem, do_smem.at[slot].transpose((1, 0)), shape)
-      delta = plgpu.load(delta_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+      # dV += P^T dO and dP^T = V dO^T are independent: issue both before one wait.
+      dv, dp_t = _wgmma_two(dv, (p_t.astype(dtype), do_smem.at[slot]),
+                            (v_smem, do_smem.at[slot].transpose((1, 0))), shape)
+      delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
       ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, shape, [1]))
       dk = _wgmma_acc(dk, ds_t.astype(dtype), q_smem.at[slot])
       plgpu.barrier_arrive(consumed.at[slot])
