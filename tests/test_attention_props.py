@@ -9,7 +9,7 @@ from test_attention_api import oracle
 from test_layout import _mask_strategy
 
 
-@hypothesis.settings(max_examples=20, deadline=None)
+@hypothesis.settings(max_examples=15, deadline=None)
 @hypothesis.given(batch=st.integers(1, 2), q_len=st.integers(1, 12), kv_len=st.integers(1, 12),
                   kv_heads=st.sampled_from([1, 2]), group=st.sampled_from([1, 2]), dim=st.sampled_from([4, 8]),
                   mask=_mask_strategy(), offset=st.integers(-3, 8), block=st.integers(1, 5),
