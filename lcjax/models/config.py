@@ -9,7 +9,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from lcjax.models.attention_methods import ATTENTION_METHODS
+from lcjax.models.attention_methods import ATTENTION_METHODS, AttentionOptions
 from lcjax.models.rope import ROPE_SCALINGS, RopeScaling
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
@@ -32,6 +32,12 @@ class ModelConfig:
     dtype: compute dtype ("float32", "bfloat16", "float16"); param_dtype: storage dtype of params.
     attention: per-layer attention-method names (lcjax.models.attention_methods), or a single
       name for every layer; `layer_attention` gives the per-layer tuple either way.
+    attention_options: the methods' options (AttentionOptions: block size, budget, window, ...),
+      shared by every layer.
+    landmark_block_size: None, or landmark attention's block: the no-cache forward inserts a
+      landmark token (landmark_token_id) after every landmark_block_size tokens, runs the layers
+      on that stream and drops the landmark positions from the outputs (lcjax.attention.landmark).
+    landmark_token_id: the landmark token's id (< vocab_size), required with landmark_block_size.
     remat: recompute each layer's activations in the backward pass (jax.checkpoint).
   """
   vocab_size: int
@@ -52,6 +58,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   attention: tuple[str, ...] | str = "dense"
   remat: bool = False
+  attention_options: AttentionOptions = dataclasses.field(default_factory=AttentionOptions)
+  landmark_block_size: int | None = None
+  landmark_token_id: int | None = None
 
   def __post_init__(self):
     for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
@@ -87,6 +96,26 @@ class ModelConfig:
     for name in self.layer_attention:
       if name not in ATTENTION_METHODS:
         raise ValueError(f"ModelConfig.attention contains {name!r}; accepted: {sorted(ATTENTION_METHODS)}")
+    if isinstance(self.attention_options, dict):
+      accepted = [f.name for f in dataclasses.fields(AttentionOptions)]
+      unknown = sorted(set(self.attention_options) - set(accepted))
+      if unknown:
+        raise ValueError(f"ModelConfig.attention_options has unknown keys {unknown}; accepted: {accepted}")
+      object.__setattr__(self, "attention_options", AttentionOptions(**self.attention_options))
+    if not isinstance(self.attention_options, AttentionOptions):
+      raise ValueError(f"ModelConfig.attention_options={self.attention_options!r}; accepted: an "
+                       "AttentionOptions (lcjax.models.attention_methods) or a dict of its fields")
+    if self.landmark_block_size is not None:
+      if not isinstance(self.landmark_block_size, int) or isinstance(self.landmark_block_size, bool) \
+          or self.landmark_block_size < 1:
+        raise ValueError(f"ModelConfig.landmark_block_size={self.landmark_block_size!r}; accepted: None or "
+                         "an int >= 1")
+      if not isinstance(self.landmark_token_id, int) or not 0 <= self.landmark_token_id < self.vocab_size:
+        raise ValueError(f"ModelConfig.landmark_token_id={self.landmark_token_id!r}; accepted: an int in "
+                         f"[0, vocab_size={self.vocab_size}) when landmark_block_size is set")
+    elif "landmark_grouped" in self.layer_attention:
+      raise ValueError("ModelConfig.attention contains 'landmark_grouped', which needs "
+                       "ModelConfig.landmark_block_size; accepted: an int >= 1 there")
 
   @property
   def layer_attention(self) -> tuple[str, ...]:

@@ -25,6 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from lcjax.attention import landmark as landmark_lib
 from lcjax.cache.dense import DenseKVCache
 from lcjax.models.attention_methods import attention_fn_for
 from lcjax.models.config import ModelConfig
@@ -171,6 +172,13 @@ def _validate_inputs(tokens, positions, caches, cfg, segment_ids, num_new) -> No
 def forward_hidden(params, tokens, positions, caches=None, *, cfg: ModelConfig, segment_ids=None, num_new=None):
   """The final-normed hidden states: (h [B, T, dim] in cfg.dtype, caches). Arguments as `forward`."""
   _validate_inputs(tokens, positions, caches, cfg, segment_ids, num_new)
+  if cfg.landmark_block_size is not None:
+    return _forward_hidden_landmarks(params, tokens, positions, caches, cfg=cfg, segment_ids=segment_ids)
+  return _decoder_stack(params, tokens, positions, caches, cfg=cfg, segment_ids=segment_ids, num_new=num_new)
+
+
+def _decoder_stack(params, tokens, positions, caches, *, cfg: ModelConfig, segment_ids, num_new):
+  """Embedding, every decoder layer and the final norm: (h [B, T, dim], caches)."""
   x = jnp.take(params["embed"], tokens, axis=0).astype(cfg.compute_dtype)
   cos, sin = rope_cos_sin(positions, head_dim=cfg.head_dim, theta=cfg.rope_theta, scaling=cfg.rope_scaling,
                           max_seq_len=cfg.max_seq_len)
@@ -183,6 +191,24 @@ def forward_hidden(params, tokens, positions, caches=None, *, cfg: ModelConfig, 
     if caches is not None:
       new_caches.append(cache)
   return rms_norm(x, params["final_norm"], cfg.norm_eps), new_caches
+
+
+def _forward_hidden_landmarks(params, tokens, positions, caches, *, cfg: ModelConfig, segment_ids):
+  """forward_hidden with landmark tokens (cfg.landmark_block_size): inserted after every block of
+  tokens (a landmark takes the position of its block's last token), run through the layers, and
+  dropped from the hidden states, which come back aligned with `tokens`. No-cache path only."""
+  if caches is not None:
+    raise ValueError("ModelConfig.landmark_block_size is set: landmark tokens are inserted in the no-cache "
+                     "forward only; accepted: caches=None (decode such a model with landmark_block_size=None)")
+  if segment_ids is not None:
+    raise ValueError("ModelConfig.landmark_block_size is set: segment_ids (packed sequences) are not "
+                     "supported with landmark tokens; accepted: segment_ids=None")
+  bs = cfg.landmark_block_size
+  ins = landmark_lib.insert_landmarks(tokens, block_size=bs, landmark_id=cfg.landmark_token_id,
+                                      positions=positions)
+  # The layers see the stream; "landmark_grouped" and "landmark" read the block size from cfg.
+  h, _ = _decoder_stack(params, ins.tokens, ins.positions, None, cfg=cfg, segment_ids=None, num_new=None)
+  return landmark_lib.remove_landmarks(h, block_size=bs), None
 
 
 def logits_from_hidden(params, h, cfg: ModelConfig):
@@ -206,6 +232,8 @@ def forward(params, tokens, positions, caches=None, *, cfg: ModelConfig, segment
     segment_ids: int32 [B, T] or None: tokens attend only within their segment (packing).
     num_new: with caches, int32 [B] or None: only the first num_new[b] tokens of sequence b are
       real (right-padded chunks); the outputs at the padding are meaningless.
+  With cfg.landmark_block_size set (no caches, no segment_ids), landmark tokens are inserted into
+  the stream the layers see and removed from the outputs, which stay aligned with `tokens`.
   Returns:
     (logits float32 [B, T, vocab], updated caches or None).
   """
