@@ -1,4 +1,4 @@
-"""Block-sparse flash attention forward for Hopper, in Pallas Mosaic GPU.
+"""Block-sparse flash attention for Hopper, forward and backward, in Pallas Mosaic GPU.
 
 FlashAttention-3's shape (the idioms of jax/experimental/pallas/ops/gpu/attention_mgpu.py): a CTA
 owns one 128-row query block, split over two compute warpgroups of 64 rows that issue warpgroup
@@ -11,9 +11,16 @@ Block sparsity: the memory warpgroup reads the key-block index of each step from
 global memory. The tables are reordered so that the fully visible blocks come first: the compute
 warpgroups run those with no element mask and the rest with `mask_fn` and the key-length bound.
 
+The backward (FlashAttention-2's split) is a dQ kernel shaped like the forward and a dK/dV kernel
+whose CTA owns a 128-key block and streams the 64-row halves of the query blocks in the
+transposed lists (q_indices); both reuse the same full-blocks-first ordering.
+
 Shapes: q [B, Tq, Hq, D], k and v [B, Tk, Hkv, D], Tq and Tk multiples of 128 (the caller pads),
 D 64 or 128, bf16 or fp16; tables as in block_sparse_attention.py with block_q = block_kv = 128.
-Returns out [B, Tq, Hq, D] and lse float32 [B, Hq, Tq] (natural log, -inf for empty rows).
+The forward returns out [B, Tq, Hq, D] and lse float32 [B, Hq, Tq] (natural log, -inf for empty
+rows). Mosaic GPU's CPU interpreter (InterpretGPUParams, JAX 0.11.2) cannot run these kernels
+("Cannot lower jaxpr with effects: _WGMMAPipelineEffect"), so they are tested on the GPU only
+(tests/test_pallas_prefill_gpu.py); the CPU tests cover the Triton-lowered family.
 """
 
 from __future__ import annotations
