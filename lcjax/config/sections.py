@@ -110,6 +110,8 @@ class TrainConfig:
     work_dir resumes from its latest checkpoint.
   checkpoint_every: save every this many steps (and at the last step); keep_checkpoints: keep N.
   eval_every: run the eval section every this many steps (0: only after the last step).
+  Mixed precision lives in the model section: config.model.dtype="bfloat16" computes in bf16
+  while config.model.param_dtype="float32" keeps parameters (and AdamW's moments) in float32.
   """
   num_steps: int = 1000
   work_dir: str = "runs/default"
