@@ -159,7 +159,20 @@ def _quantize_rows(x):
   return jnp.floor(x / sc[:, None] + 0.5).astype(jnp.int8), sc
 
 
-def _quant_decode_kernel(len_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, o_ref, lse_ref,
+def _unpack_scale_zero(w):
+  """uint32 words holding (float16 scale | float16 zero << 16) -> float32 (scale, zero)."""
+  as_f32 = lambda h: lax.bitcast_convert_type(h.astype(jnp.uint16), jnp.float16).astype(jnp.float32)
+  return as_f32(w & 0xFFFF), as_f32(w >> 16)
+
+
+def pack_scale_zero(scale, zero):
+  """float16 scale, zero (same shape) -> uint32 words; one 4-byte load per token in the kernel
+  (2-byte strided loads are not pipelined by the compiler)."""
+  bits = lambda x: lax.bitcast_convert_type(x.astype(jnp.float16), jnp.uint16).astype(jnp.uint32)
+  return bits(scale) | (bits(zero) << 16)
+
+
+def _quant_decode_kernel(len_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vsz_ref, o_ref, lse_ref,
                          *, scale, block_k, num_splits, group, q_len, bits, key_group, value_group,
                          int8_mma):
   b, split = pl.program_id(0), pl.program_id(2)
@@ -187,8 +200,9 @@ def _quant_decode_kernel(len_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref,
     elif int8_mma:
       # int8 tensor cores: q * ks quantised per row (as SageAttention does for Q K^T), the signed
       # codes taken as they are stored.
-      amax = jnp.max(jnp.stack([jnp.max(jnp.abs(x), axis=1) for x in qk]), axis=0) if parts > 1 else \
-          jnp.max(jnp.abs(qk[0]), axis=1)
+      amax = jnp.max(jnp.abs(qk[0]), axis=1)
+      for x in qk[1:]:
+        amax = jnp.maximum(amax, jnp.max(jnp.abs(x), axis=1))
       sq = jnp.where(amax > 0, amax / 127.0, 1.0)
       s = None
       for p in range(parts):
@@ -215,8 +229,7 @@ def _quant_decode_kernel(len_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref,
         raw_v = vc_ref[pl.ds(start, block_k), pl.ds(gi * value_group, value_group)]
         for p in range(parts):
           col = p * (width // value_group) + gi                     # channel group index
-          vs = f32(vs_ref[pl.ds(start, block_k), col])
-          vz = f32(vz_ref[pl.ds(start, block_k), col])
+          vs, vz = _unpack_scale_zero(vsz_ref[pl.ds(start, block_k), col])
           ps = pr * vs[None, :]
           corr = jnp.sum(pr * vz[None, :], axis=1)
           if exact:
@@ -249,7 +262,7 @@ def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | No
   """Decode attention of q [B, T, Hq, D] (bf16/f16/f32) over a QuantizedKV cache.
 
   Same contract as pallas_kernels.gpu.decode.decode_attention; block_k must divide the key
-  group (default min(128, key_group)). Scales are folded into the query / probability side, so
+  group (default min(128, key_group)). Scales and zeros are used as float16. Scales are folded into the query / probability side, so
   the codes go to the tensor cores unscaled (float16 for bf16/fp16 queries, float32 otherwise).
   int8_mma: for 16-bit queries, run both dots on the int8 tensor cores (q * k_scale and
     p * v_scale quantised to int8 per row, SageAttention-style); otherwise the codes become
@@ -281,7 +294,7 @@ def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | No
       grid=(batch, kv_heads, splits),
       in_specs=[pl.BlockSpec(lengths.shape, lambda b, h, j: (0,)),
                 pl.BlockSpec((None, None, rows, head_dim), lambda b, h, j: (b, h, 0, 0))]
-               + [per_head(x) for x in kv],
+               + [per_head(x) for x in kv[:4]] + [per_head(kv.v_scale)],
       out_specs=[pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, j: (b, h, j, 0, 0)),
                  pl.BlockSpec((None, None, None, rows), lambda b, h, j: (b, h, j, 0))],
       out_shape=[jax.ShapeDtypeStruct((batch, kv_heads, splits, rows, head_dim), jnp.float32),
@@ -289,7 +302,7 @@ def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | No
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name=f"lcjax_int{bits}_decode",
-  )(lengths.astype(jnp.int32), qp, *kv)
+  )(lengths.astype(jnp.int32), qp, *kv[:4], pack_scale_zero(kv.v_scale, kv.v_zero))
   n = q_len * (q_heads // kv_heads)         # drop the padding rows before the merge reads them
   out, lse = merge_splits(o[..., :n, :], lse[..., :n])
   out = unpack_rows(out, q_len, q_heads).astype(q.dtype)
