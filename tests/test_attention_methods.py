@@ -219,6 +219,7 @@ def test_unknown_method_lists_accepted_names():
     (dict(budget=1.5), "AttentionOptions.budget=1.5"),
     (dict(gamma=1.5), r"AttentionOptions.gamma=1.5; accepted: a float in \(0, 1\]"),
     (dict(sink_tokens=-1), "AttentionOptions.sink_tokens=-1"),
+    (dict(ignore_segment_ids=1), "AttentionOptions.ignore_segment_ids=1; accepted: True or False"),
     (dict(bogus=3), r"attention_options has unknown keys \['bogus'\]; accepted: \['block_size'"),
 ])
 def test_bad_options_name_the_field(options, field):
@@ -237,15 +238,24 @@ def test_landmark_config_errors():
   cfg = cfg_with(landmark_block_size=4, landmark_token_id=60)
   with pytest.raises(ValueError, match="no-cache forward only"):
     llama.forward(params, tokens, positions, llama.init_caches(cfg, B, 64), cfg=cfg)
-  with pytest.raises(ValueError, match="segment_ids"):
-    llama.forward(params, tokens, positions, cfg=cfg, segment_ids=jnp.zeros_like(tokens))
+  with pytest.raises(ValueError, match="landmark-token stream does not take segment_ids"):
+    llama.forward(params, tokens, positions, cfg=cfg, segment_ids=jnp.ones_like(tokens))
 
 
-def test_methods_without_segments_reject_segment_ids():
+def test_methods_without_segments_reject_segment_ids_unless_told():
   q, k, v = random_qkv()
+  segments = jnp.ones((B, T), jnp.int32)
   for name in ("hyper", "linear_elu"):
-    with pytest.raises(ValueError, match=f"{name}.*does not take segment_ids"):
-      am.attention_fn_for(name)(q, k, v, cfg=cfg_with(head_dim=16), layer=0, segment_ids=jnp.zeros((B, T), jnp.int32))
+    with pytest.raises(ValueError, match=f"{name}.*does not take segment_ids.*ignore_segment_ids=True"):
+      am.attention_fn_for(name)(q, k, v, cfg=cfg_with(head_dim=16), layer=0, segment_ids=segments)
+    ignoring = cfg_with(head_dim=16, attention_options=am.AttentionOptions(ignore_segment_ids=True))
+    np.testing.assert_array_equal(am.attention_fn_for(name)(q, k, v, cfg=ignoring, layer=0, segment_ids=segments),
+                                  am.attention_fn_for(name)(q, k, v, cfg=ignoring, layer=0))
+  params, tokens, positions = params_and_tokens()
+  cfg = cfg_with(landmark_block_size=4, landmark_token_id=60,
+                 attention_options=am.AttentionOptions(ignore_segment_ids=True))
+  np.testing.assert_array_equal(forward(params, tokens, positions, cfg=cfg, segment_ids=jnp.ones_like(tokens))[0],
+                                forward(params, tokens, positions, cfg=cfg)[0])
 
 
 def test_experiment_config_builds_options():

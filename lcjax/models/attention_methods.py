@@ -89,6 +89,11 @@ class AttentionOptions:
     linear_chunk_size: chunk of the causal linear attention; linear_features: FAVOR+'s random
       features.
     seed: the seed of HyperAttention's hashes and FAVOR+'s features (folded with the layer).
+    ignore_segment_ids: hyper, linear_* and landmark_grouped (and the model's landmark-token
+      switch) cannot restrict attention to segments, so they reject segment_ids unless this is
+      True; then segment_ids are ignored, which is exact for unpacked right-padded rows (lcjax's
+      task and eval batches: causal attention never reaches the padding) and WRONG for packed
+      sequences (data.pack=True).
   """
   block_size: int = 64
   budget: int = 4
@@ -110,6 +115,7 @@ class AttentionOptions:
   linear_chunk_size: int = 64
   linear_features: int = 64
   seed: int = 0
+  ignore_segment_ids: bool = False
 
   def __post_init__(self):
     minimum = dict(block_size=1, budget=1, window=1, n_vertical=1, n_slash=1, last_q=1, centroid_clusters=1,
@@ -123,6 +129,8 @@ class AttentionOptions:
       value = getattr(self, name)
       if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
         raise ValueError(f"AttentionOptions.{name}={value!r}; accepted: None or an int >= {low}")
+    if not isinstance(self.ignore_segment_ids, bool):
+      raise ValueError(f"AttentionOptions.ignore_segment_ids={self.ignore_segment_ids!r}; accepted: True or False")
     for name in ("gamma", "tau", "centroid_threshold"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
@@ -139,10 +147,12 @@ def _base_mask(cfg) -> masks.Mask:
   return masks.causal() if cfg.sliding_window is None else masks.sliding_window(cfg.sliding_window - 1)
 
 
-def _no_segments(name: str, segment_ids) -> None:
-  if segment_ids is not None:
-    raise ValueError(f"attention method {name!r} does not take segment_ids (packed sequences); accepted: "
-                     "segment_ids=None, or a softmax method (dense, sliding_window, streaming, a selector)")
+def check_no_segments(name: str, segment_ids, cfg) -> None:
+  """Raises unless segment_ids is None or attention_options.ignore_segment_ids (see there)."""
+  if segment_ids is not None and not cfg.attention_options.ignore_segment_ids:
+    raise ValueError(f"{name} does not take segment_ids (packed sequences); accepted: segment_ids=None, "
+                     "AttentionOptions.ignore_segment_ids=True for unpacked right-padded rows, or a softmax "
+                     "method (dense, sliding_window, streaming, a selector)")
 
 
 def dense_attention(q, k, v, *, cfg, layer: int, segment_ids=None):
@@ -236,7 +246,7 @@ def _selector_attention(name: str) -> Callable:
 
 def hyper_attention(q, k, v, *, cfg, layer: int, segment_ids=None):
   """HyperAttention (Han et al. 2024), causal; hashes seeded by (options.seed, layer)."""
-  _no_segments("hyper", segment_ids)
+  check_no_segments("attention method 'hyper'", segment_ids, cfg)
   o = cfg.attention_options
   rng = jax.random.fold_in(jax.random.key(o.seed), layer)
   return hyper_lib.hyper_attention(q, k, v, rng=rng, lsh_bits=o.hyper_lsh_bits, block_size=o.hyper_block_size,
@@ -269,7 +279,7 @@ def _feature_maps(kind: str, q, k, *, cfg, layer: int):
 def _linear_attention(kind: str) -> Callable:
 
   def fn(q, k, v, *, cfg, layer: int, segment_ids=None):
-    _no_segments(f"linear_{kind}", segment_ids)
+    check_no_segments(f"attention method 'linear_{kind}'", segment_ids, cfg)
     phi_q, phi_k = _feature_maps(kind, q, k, cfg=cfg, layer=layer)
     out = linear_lib.chunk_linear_attention(phi_q, phi_k, v, chunk_size=cfg.attention_options.linear_chunk_size)
     return out.astype(q.dtype)
@@ -282,7 +292,7 @@ def _linear_attention(kind: str) -> Callable:
 def landmark_grouped_attention(q, k, v, *, cfg, layer: int, segment_ids=None):
   """Landmark attention's grouped softmax over a stream with landmark tokens (Mohtashami & Jaggi 2023)."""
   del layer
-  _no_segments("landmark_grouped", segment_ids)
+  check_no_segments("attention method 'landmark_grouped'", segment_ids, cfg)
   if cfg.landmark_block_size is None:
     raise ValueError("attention method 'landmark_grouped' needs ModelConfig.landmark_block_size (an int)")
   return landmark_lib.landmark_attention(q, k, v, block_size=cfg.landmark_block_size, scale=_scale(cfg))

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from lcjax.attention import landmark as landmark_lib
 from lcjax.cache.dense import DenseKVCache
-from lcjax.models.attention_methods import attention_fn_for
+from lcjax.models.attention_methods import attention_fn_for, check_no_segments
 from lcjax.models.config import ModelConfig
 from lcjax.models.rope import apply_rope, rope_cos_sin
 
@@ -200,9 +200,7 @@ def _forward_hidden_landmarks(params, tokens, positions, caches, *, cfg: ModelCo
   if caches is not None:
     raise ValueError("ModelConfig.landmark_block_size is set: landmark tokens are inserted in the no-cache "
                      "forward only; accepted: caches=None (decode such a model with landmark_block_size=None)")
-  if segment_ids is not None:
-    raise ValueError("ModelConfig.landmark_block_size is set: segment_ids (packed sequences) are not "
-                     "supported with landmark tokens; accepted: segment_ids=None")
+  check_no_segments("ModelConfig.landmark_block_size is set: the landmark-token stream", segment_ids, cfg)
   bs = cfg.landmark_block_size
   ins = landmark_lib.insert_landmarks(tokens, block_size=bs, landmark_id=cfg.landmark_token_id,
                                       positions=positions)
@@ -232,7 +230,8 @@ def forward(params, tokens, positions, caches=None, *, cfg: ModelConfig, segment
     segment_ids: int32 [B, T] or None: tokens attend only within their segment (packing).
     num_new: with caches, int32 [B] or None: only the first num_new[b] tokens of sequence b are
       real (right-padded chunks); the outputs at the padding are meaningless.
-  With cfg.landmark_block_size set (no caches, no segment_ids), landmark tokens are inserted into
+  With cfg.landmark_block_size set (no caches; segment_ids only as AttentionOptions.ignore_segment_ids
+  allows), landmark tokens are inserted into
   the stream the layers see and removed from the outputs, which stay aligned with `tokens`.
   Returns:
     (logits float32 [B, T, vocab], updated caches or None).
