@@ -2,8 +2,8 @@
 
     python -m experiments.sparse_eval --config configs/sparse_eval.py [--config.only=quest,hip]
 
-The quickstart's contexts are 112-128 tokens, so blocks are 16 tokens (8 key blocks at 128):
-with the usual 64-token blocks every method would be (nearly) dense.
+The quickstart's contexts are short (128-256 bytes in configs/quickstart.py), so blocks are 16
+tokens (8-16 key blocks): with the usual 64-token blocks every method would be (nearly) dense.
 """
 
 import ml_collections
@@ -25,21 +25,21 @@ def get_config() -> ml_collections.ConfigDict:
   # method -> the AttentionOptions field(s) swept (a name, or comma-separated names set to the same
   # value), the grid of values, and options fixed for this method. Values run from sparse to nearly dense.
   c.methods = dict(
-      sliding_window=dict(field="window", grid=(16, 32, 48, 64), fixed={}),
-      streaming=dict(field="window", grid=(16, 32, 48, 64), fixed=dict(sink_tokens=4)),
-      block_topk=dict(field="budget", grid=(1, 2, 3, 4), fixed={}),
-      quest=dict(field="budget", grid=(1, 2, 3, 4), fixed={}),
-      sale=dict(field="budget", grid=(1, 2, 3, 4), fixed={}),
-      hip=dict(field="budget", grid=(1, 2, 3, 4), fixed={}),
-      landmark=dict(field="budget", grid=(1, 2, 3, 4), fixed={}),
+      sliding_window=dict(field="window", grid=(16, 32, 64, 128), fixed={}),
+      streaming=dict(field="window", grid=(16, 32, 64, 128), fixed=dict(sink_tokens=4)),
+      block_topk=dict(field="budget", grid=(1, 2, 4, 8), fixed={}),
+      quest=dict(field="budget", grid=(1, 2, 4, 8), fixed={}),
+      sale=dict(field="budget", grid=(1, 2, 4, 8), fixed={}),
+      hip=dict(field="budget", grid=(1, 2, 4, 8), fixed={}),
+      landmark=dict(field="budget", grid=(1, 2, 4, 8), fixed={}),
       # MInference's defaults (30 sinks, a 100-token window) would cover a 128-token context.
-      vertical_slash=dict(field="n_vertical,n_slash", grid=(2, 4, 8, 16),
+      vertical_slash=dict(field="n_vertical,n_slash", grid=(4, 8, 16, 32),
                           fixed=dict(sink_tokens=4, local_tokens=16, last_q=16)),
-      flexprefill=dict(field="gamma", grid=(0.5, 0.7, 0.9, 0.95), fixed={}),
-      centroid=dict(field="centroid_threshold", grid=(0.3, 0.2, 0.1, 0.05), fixed=dict(centroid_clusters=16)),
+      flexprefill=dict(field="gamma", grid=(0.5, 0.7, 0.9, 0.97), fixed={}),
+      centroid=dict(field="centroid_threshold", grid=(0.3, 0.1, 0.03, 0.01), fixed=dict(centroid_clusters=16)),
       # HyperAttention recurses down to hyper_min_seq_len; below it everything is exact.
-      hyper=dict(field="hyper_block_size", grid=(8, 16, 32),
-                 fixed=dict(hyper_min_seq_len=32, hyper_sample_size=16, hyper_lsh_bits=4)),
+      hyper=dict(field="hyper_block_size", grid=(16, 32, 64),
+                 fixed=dict(hyper_min_seq_len=64, hyper_sample_size=16, hyper_lsh_bits=4)),
   )
   c.only = ""                                # comma-separated subset of methods ("" = all)
   return c
