@@ -103,3 +103,47 @@ def test_attend_dispatch_and_unsupported_reasons(monkeypatch):
   np.testing.assert_allclose(out, attention_reference(q, k, v, mask=masks.causal()), atol=1e-5)
   with pytest.raises(ValueError, match="score_mod"):
     attend(q, k, v, score_mod=lambda s, *a: s, implementation="pallas")
+
+
+@pytest.mark.parametrize("kernel", ["triton", "mosaic"])
+def test_kernels_lower_for_h100(kernel, monkeypatch):
+  """Forward and backward lower to the GPU custom calls for an H100 target, without a GPU.
+
+  Mosaic GPU's CPU interpreter cannot run the wgmma kernels, so this lowering (Pallas -> Mosaic
+  GPU / Triton IR, layout inference included) is what CI checks of them; tests/
+  test_pallas_prefill_gpu.py runs them on the device machine.
+  """
+  from jax import export
+  from jax._src import mesh as mesh_lib
+  monkeypatch.setenv(pallas_backend.INTERPRET_ENV, "1")
+  q = jax.ShapeDtypeStruct((1, 300, 4, 64), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((1, 300, 2, 64), jnp.bfloat16)
+  mask = masks.sliding_window(100) & masks.causal()
+
+  def grads(q, k, v):
+    loss = lambda q, k, v: attend_pallas(q, k, v, mask=mask, kernel=kernel,
+                                         interpret=False).astype(jnp.float32).sum()
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  target = "__gpu$xla.gpu.triton" if kernel == "triton" else "mosaic_gpu_v2"
+  h100 = mesh_lib.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+    exported = export.export(jax.jit(grads), platforms=["cuda"],
+                             disabled_checks=[export.DisabledSafetyCheck.custom_call(target)])(q, k, k)
+  # Forward, dQ and dK/dV kernels.
+  assert exported.mlir_module().count(f"custom_call @{target}") == 3
+
+
+def test_full_blocks_first_keeps_each_list_and_puts_full_blocks_first():
+  from pallas_kernels.gpu.block_sparse_attention import full_blocks_first
+  rng = np.random.default_rng(3)
+  visible = rng.random((2, 3, 5, 7)) < 0.6
+  full = visible & (rng.random(visible.shape) < 0.5)
+  layout = BlockLayout.from_block_mask(visible, full, block_q=16, block_kv=16, q_len=80, kv_len=112)
+  indices, counts, n_full = full_blocks_first(
+      jnp.asarray(layout.kv_indices), jnp.asarray(layout.kv_counts)[..., None],
+      jnp.asarray(layout.kv_full).astype(jnp.int32))
+  indices, counts, n_full = map(np.asarray, (indices, counts[..., 0], n_full[..., 0]))
+  for row in np.ndindex(counts.shape):
+    got = indices[row][:counts[row]]
+    assert sorted(got) == list(np.flatnonzero(visible[row]))
+    assert set(got[:n_full[row]]) == set(np.flatnonzero(full[row]))

@@ -2,8 +2,9 @@
 
 One kernel family serves dense masked attention and block-sparse attention: the caller passes, per
 (batch, head, query block), the list of key blocks to visit, how many there are and which are fully
-visible (the BlockLayout tables of lcjax, as plain arrays). Fully visible blocks skip the element
-mask; the others apply `mask_fn(q_idx, kv_idx)` (absolute positions) and the key-length bound.
+visible (the BlockLayout tables of lcjax, as plain arrays). The wrappers reorder each list so that
+fully visible blocks come first (full_blocks_first); kernels run those without the element mask
+and the rest with `mask_fn(q_idx, kv_idx)` (absolute positions) and the key-length bound.
 
 This lowering runs on every CUDA GPU JAX supports and in interpret mode on the CPU (the tests).
 The Hopper forward in Mosaic GPU lives in block_sparse_attention_mgpu.py.
@@ -49,24 +50,48 @@ def _element_mask(mask_fn: MaskFn | None, q_pos, kv_pos, kv_len: int):
   return ok
 
 
-def _fwd_kernel(idx_ref, cnt_ref, full_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, mask_fn, scale,
+def full_blocks_first(indices, counts, full):
+  """Reorders each table row so that the fully visible blocks come first.
+
+  Softmax accumulation does not depend on the order of key (or query) blocks, and with the full
+  blocks first a kernel runs them in one loop without the element mask and the rest in another.
+  indices, full: int32 [..., W]; counts: int32 [..., 1]. Returns (indices, counts, n_full) with
+  n_full int32 [..., 1] the number of leading fully visible blocks.
+  """
+  width = indices.shape[-1]
+  pos = jnp.arange(width, dtype=jnp.int32)
+  valid = pos < counts
+  is_full = (full != 0) & valid
+  # Stable order: full blocks, then partial ones, then padding (which repeats a valid index).
+  key = jnp.where(is_full, 0, jnp.where(valid, 1, 2)) * width + pos
+  order = jnp.argsort(key, axis=-1)
+  return (jnp.take_along_axis(indices, order, axis=-1), counts,
+          is_full.sum(-1, keepdims=True).astype(jnp.int32))
+
+
+def _two_loops(n_full, count, body, carry):
+  """body(j, carry, masked) over [0, n_full) unmasked, then [n_full, count) masked."""
+  carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
+  return lax.fori_loop(n_full, count, functools.partial(body, masked=True), carry)
+
+
+def _fwd_kernel(idx_ref, cnt_ref, nfull_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, mask_fn, scale,
                 block_q, block_kv, kv_len, q_offset):
   qi = pl.program_id(2)
   q = q_ref[...]
   q_pos = q_offset + qi * block_q + jnp.arange(block_q, dtype=jnp.int32)
   head_dim = q.shape[-1]
 
-  def body(j, carry):
+  def body(j, carry, masked: bool):
     acc, m, l = carry
     kb = idx_ref[j]
-    is_full = full_ref[j] != 0
     k = k_ref[pl.ds(kb * block_kv, block_kv), :]
     v = v_ref[pl.ds(kb * block_kv, block_kv), :]
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     s = s * (scale * LOG2E)
-    kv_pos = kb * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
-    ok = _element_mask(mask_fn, q_pos, kv_pos, kv_len) | is_full
-    s = jnp.where(ok, s, -jnp.inf)
+    if masked:
+      kv_pos = kb * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
+      s = jnp.where(_element_mask(mask_fn, q_pos, kv_pos, kv_len), s, -jnp.inf)
     m_new = jnp.maximum(m, s.max(axis=1))
     alpha = jnp.exp2(m - m_new)
     p = jnp.exp2(s - m_new[:, None])
@@ -77,7 +102,7 @@ def _fwd_kernel(idx_ref, cnt_ref, full_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
   acc = jnp.zeros((block_q, head_dim), jnp.float32)
   m = jnp.full((block_q,), M_INIT, jnp.float32)
   l = jnp.zeros((block_q,), jnp.float32)
-  acc, m, l = lax.fori_loop(0, cnt_ref[0], body, (acc, m, l))
+  acc, m, l = _two_loops(nfull_ref[0], cnt_ref[0], body, (acc, m, l))
   seen = l > 0
   l_safe = jnp.where(seen, l, 1.0)
   o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
@@ -99,6 +124,7 @@ def block_sparse_attention_fwd(q, k, v, kv_indices, kv_counts, kv_full, *, mask_
   kv_len_padded, kv_heads = k.shape[1], k.shape[2]
   group = q_heads // kv_heads
   width = kv_indices.shape[-1]
+  kv_indices, kv_counts, kv_nfull = full_blocks_first(kv_indices, kv_counts, kv_full)
   grid = (batch, q_heads, q_len // block_q)
   kernel = functools.partial(_fwd_kernel, mask_fn=mask_fn, scale=scale, block_q=block_q,
                              block_kv=block_kv, kv_len=kv_len, q_offset=q_offset)
@@ -109,7 +135,7 @@ def block_sparse_attention_fwd(q, k, v, kv_indices, kv_counts, kv_full, *, mask_
       in_specs=[
           _table_spec(kv_indices, q_heads, width),
           _table_spec(kv_counts, q_heads, 1),
-          _table_spec(kv_full, q_heads, width),
+          _table_spec(kv_nfull, q_heads, 1),
           pl.BlockSpec((None, block_q, None, head_dim), lambda b, h, i: (b, i, h, 0)),
           kv_spec, kv_spec,
       ],
@@ -122,10 +148,10 @@ def block_sparse_attention_fwd(q, k, v, kv_indices, kv_counts, kv_full, *, mask_
       compiler_params=_compiler_params(num_warps, num_stages),
       interpret=interpret,
       name="lcjax_block_sparse_attention_fwd",
-  )(kv_indices, kv_counts, kv_full, q, k, v)
+  )(kv_indices, kv_counts, kv_nfull, q, k, v)
 
 
-def _dq_kernel(idx_ref, cnt_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+def _dq_kernel(idx_ref, cnt_ref, nfull_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
                mask_fn, scale, block_q, block_kv, kv_len, q_offset):
   qi = pl.program_id(2)
   q = q_ref[...]
@@ -134,34 +160,33 @@ def _dq_kernel(idx_ref, cnt_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
   delta = delta_ref[...]
   q_pos = q_offset + qi * block_q + jnp.arange(block_q, dtype=jnp.int32)
 
-  def body(j, dq):
+  def body(j, dq, masked: bool):
     kb = idx_ref[j]
-    is_full = full_ref[j] != 0
     k = k_ref[pl.ds(kb * block_kv, block_kv), :]
     v = v_ref[pl.ds(kb * block_kv, block_kv), :]
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    kv_pos = kb * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
-    ok = _element_mask(mask_fn, q_pos, kv_pos, kv_len) | is_full
-    p = jnp.where(ok, jnp.exp2(s * (scale * LOG2E) - lse2[:, None]), 0.0)
+    p = jnp.exp2(s * (scale * LOG2E) - lse2[:, None])
+    if masked:
+      kv_pos = kb * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
+      p = jnp.where(_element_mask(mask_fn, q_pos, kv_pos, kv_len), p, 0.0)
     dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     ds = p * (dp - delta[:, None])
     return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-  dq = lax.fori_loop(0, cnt_ref[0], body, jnp.zeros(q.shape, jnp.float32))
+  dq = _two_loops(nfull_ref[0], cnt_ref[0], body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(idx_ref, cnt_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
+def _dkv_kernel(idx_ref, cnt_ref, nfull_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
                 dv_ref, *, mask_fn, scale, block_q, block_kv, kv_len, q_offset):
   ki = pl.program_id(2)
   k = k_ref[...]
   v = v_ref[...]
   kv_pos = ki * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
 
-  def body(j, carry):
+  def body(j, carry, masked: bool):
     dk, dv = carry
     qb = idx_ref[j]
-    is_full = full_ref[j] != 0
     rows = pl.ds(qb * block_q, block_q)
     q = q_ref[rows, :]
     do = do_ref[rows, :]
@@ -169,8 +194,9 @@ def _dkv_kernel(idx_ref, cnt_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
     delta = delta_ref[rows]
     q_pos = q_offset + qb * block_q + jnp.arange(block_q, dtype=jnp.int32)
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    ok = _element_mask(mask_fn, q_pos, kv_pos, kv_len) | is_full
-    p = jnp.where(ok, jnp.exp2(s * (scale * LOG2E) - lse2[:, None]), 0.0)
+    p = jnp.exp2(s * (scale * LOG2E) - lse2[:, None])
+    if masked:
+      p = jnp.where(_element_mask(mask_fn, q_pos, kv_pos, kv_len), p, 0.0)
     dv = dv + lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
                               preferred_element_type=jnp.float32)
     dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -180,7 +206,7 @@ def _dkv_kernel(idx_ref, cnt_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
     return dk, dv
 
   zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = lax.fori_loop(0, cnt_ref[0], body, (zeros, zeros))
+  dk, dv = _two_loops(nfull_ref[0], cnt_ref[0], body, (zeros, zeros))
   dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -206,6 +232,8 @@ def block_sparse_attention_bwd(q, k, v, out, lse, do, kv_indices, kv_counts, kv_
   lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)      # empty rows: p = exp(s - inf) = 0
   params = dict(mask_fn=mask_fn, scale=scale, block_q=block_q, block_kv=block_kv, kv_len=kv_len,
                 q_offset=q_offset)
+  kv_indices, kv_counts, kv_nfull = full_blocks_first(kv_indices, kv_counts, kv_full)
+  q_indices, q_counts, q_nfull = full_blocks_first(q_indices, q_counts, q_full)
   q_blk = pl.BlockSpec((None, block_q, None, head_dim), lambda b, h, i: (b, i, h, 0))
   kv_whole = pl.BlockSpec((None, kv_len_padded, None, head_dim), lambda b, h, i: (b, 0, h // group, 0))
   row_blk = pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i))
@@ -214,14 +242,14 @@ def block_sparse_attention_bwd(q, k, v, out, lse, do, kv_indices, kv_counts, kv_
       grid=(batch, q_heads, q_len // block_q),
       in_specs=[_table_spec(kv_indices, q_heads, kv_indices.shape[-1]),
                 _table_spec(kv_counts, q_heads, 1),
-                _table_spec(kv_full, q_heads, kv_full.shape[-1]),
+                _table_spec(kv_nfull, q_heads, 1),
                 q_blk, kv_whole, kv_whole, q_blk, row_blk, row_blk],
       out_specs=q_blk,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=_compiler_params(num_warps, num_stages),
       interpret=interpret,
       name="lcjax_block_sparse_attention_dq",
-  )(kv_indices, kv_counts, kv_full, q, k, v, do, lse, delta)
+  )(kv_indices, kv_counts, kv_nfull, q, k, v, do, lse, delta)
 
   q_whole = pl.BlockSpec((None, q_len, None, head_dim), lambda b, h, i: (b, 0, h, 0))
   kv_blk = pl.BlockSpec((None, block_kv, None, head_dim), lambda b, h, i: (b, i, h // group, 0))
@@ -234,14 +262,14 @@ def block_sparse_attention_bwd(q, k, v, out, lse, do, kv_indices, kv_counts, kv_
       grid=(batch, q_heads, kv_len_padded // block_kv),
       in_specs=[_table_spec(q_indices, q_heads, q_indices.shape[-1]),
                 _table_spec(q_counts, q_heads, 1),
-                _table_spec(q_full, q_heads, q_full.shape[-1]),
+                _table_spec(q_nfull, q_heads, 1),
                 q_whole, kv_blk, kv_blk, q_whole, row_whole, row_whole],
       out_specs=[dkv_blk, dkv_blk],
       out_shape=[dkv_shape, dkv_shape],
       compiler_params=_compiler_params(num_warps, num_stages),
       interpret=interpret,
       name="lcjax_block_sparse_attention_dkv",
-  )(q_indices, q_counts, q_full, q, k, v, do, lse, delta)
+  )(q_indices, q_counts, q_nfull, q, k, v, do, lse, delta)
   if group > 1:
     dk = dk.reshape(batch, kv_len_padded, kv_heads, group, head_dim).sum(3).astype(k.dtype)
     dv = dv.reshape(batch, kv_len_padded, kv_heads, group, head_dim).sum(3).astype(v.dtype)

@@ -55,22 +55,7 @@ def supports(q, k, v, *, block_q: int, block_kv: int) -> bool:
           and q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype and v.dtype == q.dtype)
 
 
-def full_blocks_first(kv_indices, kv_counts, kv_full):
-  """Reorders each row of the tables so that fully visible blocks come first.
-
-  Softmax accumulation does not depend on the order of key blocks. Returns (indices, counts,
-  n_full) with n_full int32 [..., 1] the number of leading fully visible blocks.
-  """
-  width = kv_indices.shape[-1]
-  pos = jnp.arange(width, dtype=jnp.int32)
-  valid = pos < kv_counts
-  full = (kv_full != 0) & valid
-  # Stable order: full blocks, then partial ones, then padding (which repeats a valid index).
-  key = jnp.where(full, 0, jnp.where(valid, 1, 2)) * width + pos
-  order = jnp.argsort(key, axis=-1)
-  indices = jnp.take_along_axis(kv_indices, order, axis=-1)
-  n_full = full.sum(-1, keepdims=True).astype(jnp.int32)
-  return indices, kv_counts, n_full
+full_blocks_first = bsa.full_blocks_first
 
 
 def _kernel(idx_ref, cnt_ref, nfull_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, mask_fn,
