@@ -118,7 +118,8 @@ def test_kernels_lower_for_h100(kernel, monkeypatch):
   monkeypatch.setenv(pallas_backend.INTERPRET_ENV, "1")
   q = jax.ShapeDtypeStruct((1, 300, 4, 64), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((1, 300, 2, 64), jnp.bfloat16)
-  mask = masks.sliding_window(100) & masks.causal()
+  mask = (masks.sinks(4) | masks.sliding_window(100)) & masks.prefix_lm(8)
+  assert pallas_backend._mosaic_mask_ok(mask)    # the mask auto-dispatch sends to Mosaic GPU
 
   def grads(q, k, v):
     loss = lambda q, k, v: attend_pallas(q, k, v, mask=mask, kernel=kernel,

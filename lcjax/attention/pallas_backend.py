@@ -124,7 +124,8 @@ def _default_blocks(head_dim: int, interpret: bool) -> tuple[int, int]:
 
 def _mosaic_mask_ok(mask) -> bool:
   """Masks whose index arithmetic is known to lower in Mosaic GPU (compare, add, and/or/not)."""
-  if mask is None or isinstance(mask, (masks_lib.Causal, masks_lib.SlidingWindow)):
+  if mask is None or isinstance(mask, (masks_lib.Causal, masks_lib.SlidingWindow, masks_lib.Sinks,
+                                      masks_lib.PrefixLM)):
     return True
   if isinstance(mask, (masks_lib.And, masks_lib.Or)):
     return _mosaic_mask_ok(mask.left) and _mosaic_mask_ok(mask.right)
