@@ -23,6 +23,6 @@ def get_config() -> ml_collections.ConfigDict:
                  checkpoint_every=500, keep_checkpoints=3, async_checkpointing=True, eval_every=1000,
                  progress_bar=True)
   c.eval = dict(tasks=("perplexity",), perplexity_task="python_stdlib", perplexity_examples=64,
-                position_buckets=8, batch_size=16)
+                position_buckets=8, batch_size=16, seed=1234)
   c.mesh = dict(data=1, fsdp=1, tensor=1)
   return c

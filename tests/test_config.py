@@ -125,6 +125,16 @@ def test_every_experiment_config_file_parses(path):
   assert cfg.train.num_steps >= 1
 
 
+def test_quickstart_config_lists_every_key():
+  """ml_collections only overrides keys that exist: the quickstart file lists every field."""
+  import dataclasses
+  from lcjax.config.sections import EvalConfig, TrainConfig
+  cd = load_config_file(os.path.join(ROOT, "configs", "quickstart.py"))
+  for name, cls in (("data", DataConfig), ("optimizer", OptimizerConfig), ("train", TrainConfig),
+                    ("eval", EvalConfig), ("mesh", MeshConfig)):
+    assert set(cd[name].keys()) == {f.name for f in dataclasses.fields(cls)}, name
+
+
 def test_command_line_override_errors_name_the_path():
   """The experiments' flags: a bad override fails at start-up, before any training."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")

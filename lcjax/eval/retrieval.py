@@ -123,6 +123,10 @@ def format_table(result: dict) -> str:
     for length in result["lengths"]:
       r = by[(length, None)]
       lines.append(f"{length:>8d} {r['accuracy']:>8.3f} {r['query_accuracy']:>10.3f}")
-  lines.append(f"overall {result['accuracy']:.3f} over {sum(r['n'] for r in result['cells'])} examples "
-               f"({result['accuracy'] / result['chance']:.0f}x chance)" if result["chance"] else "")
+  n = sum(r["n"] for r in result["cells"])
+  if result["depths"]:
+    lines.append(f"overall {result['accuracy']:.3f} over {n} examples ({result['accuracy'] / result['chance']:.0f}x chance)")
+  else:  # MQAR: chance is per query
+    lines.append(f"overall exact {result['accuracy']:.3f}, per-query {result['query_accuracy']:.3f} over {n} examples "
+                 f"({result['query_accuracy'] / result['chance']:.1f}x per-query chance)")
   return "\n".join(lines)
