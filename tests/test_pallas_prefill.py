@@ -103,6 +103,10 @@ def test_attend_dispatch_and_unsupported_reasons(monkeypatch):
   np.testing.assert_allclose(out, attention_reference(q, k, v, mask=masks.causal()), atol=1e-5)
   with pytest.raises(ValueError, match="score_mod"):
     attend(q, k, v, score_mod=lambda s, *a: s, implementation="pallas")
+  with pytest.raises(ValueError, match="kernel="):
+    attend_pallas(q, k, v, kernel="cuda")
+  with pytest.raises(ValueError, match="float32"):
+    attend_pallas(q, k, v, kernel="mosaic", block_q=128, block_kv=128)
 
 
 @pytest.mark.parametrize("kernel", ["triton", "mosaic"])

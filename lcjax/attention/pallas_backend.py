@@ -206,6 +206,8 @@ def attend_pallas(q, k, v, *, mask: Mask | None = None, layout: BlockLayout | No
                    allow_cpu=bool(interpret))
   if reason is not None:
     raise ValueError(f"attend_pallas cannot serve this call: {reason}")
+  if kernel not in KERNELS:
+    raise ValueError(f"kernel={kernel!r}; accepted: {KERNELS}")
   interpret = _interpret_default() if interpret is None else interpret
   batch, q_len, q_heads, head_dim = q.shape
   kv_len = k.shape[1]
@@ -225,8 +227,10 @@ def attend_pallas(q, k, v, *, mask: Mask | None = None, layout: BlockLayout | No
   tq, tk = layout.num_q_blocks * block_q, layout.num_kv_blocks * block_kv
   pad = lambda x, t: jnp.pad(x, ((0, 0), (0, t - x.shape[1]), (0, 0), (0, d_pad - head_dim)))
   qp, kp, vp = pad(q, tq), pad(k, tk), pad(v, tk)
-  if kernel not in KERNELS:
-    raise ValueError(f"kernel={kernel!r}; accepted: {KERNELS}")
+  if kernel == "mosaic":
+    why = mgpu.config_reason(q.dtype, d_pad, block_q, block_kv)
+    if why is not None:
+      raise ValueError(f"kernel='mosaic' cannot serve this call: {why}; use kernel='auto' or 'triton'")
   mask_fn = None if isinstance(mask, masks_lib.Full) else mask
   out, lse = _flash(qp, kp, vp, *fwd_tables, *bwd_tables, mask_fn, scale, block_q, block_kv, kv_len,
                     q_offset, bool(interpret), kernel)

@@ -42,8 +42,19 @@ COMPUTE_WGS = 2
 M_INIT = -1e30           # finite running-max start: fully masked rows keep p = 0, never NaN
 
 
+def config_reason(dtype, head_dim: int, block_q: int, block_kv: int) -> str | None:
+  """None when these kernels take the configuration, else why not (device aside)."""
+  if (block_q, block_kv) != (BLOCK_Q, BLOCK_KV):
+    return f"block_q, block_kv = {block_q}, {block_kv}; the Mosaic GPU kernels need {BLOCK_Q}, {BLOCK_KV}"
+  if head_dim not in (64, 128):
+    return f"head_dim (padded) {head_dim}; the Mosaic GPU kernels take 64 or 128"
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"dtype {jnp.dtype(dtype).name}; the Mosaic GPU kernels take bfloat16 or float16"
+  return None
+
+
 def supports(q, k, v, *, block_q: int, block_kv: int) -> bool:
-  """Whether this kernel serves the call (Hopper GPU, dtypes, head_dim, block sizes)."""
+  """Whether this kernel serves the call (a Hopper GPU, and config_reason is None)."""
   if jax.default_backend() != "gpu":
     return False
   try:
@@ -51,8 +62,8 @@ def supports(q, k, v, *, block_q: int, block_kv: int) -> bool:
       return False
   except Exception:  # pylint: disable=broad-except
     return False
-  return (block_q == BLOCK_Q and block_kv == BLOCK_KV and q.shape[-1] in (64, 128)
-          and q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype and v.dtype == q.dtype)
+  return (k.dtype == q.dtype and v.dtype == q.dtype and
+          config_reason(q.dtype, q.shape[-1], block_q, block_kv) is None)
 
 
 full_blocks_first = bsa.full_blocks_first
