@@ -87,3 +87,13 @@ def test_bad_arguments_raise():
   q, k, v = _inputs(jax.random.key(5), 2, 1, 4, 2, 40, 16, jnp.float32)
   with pytest.raises(ValueError, match="capacity"):
     decode.decode_attention(q, k, v, jnp.array([1, 2], jnp.int32), interpret=True)
+
+
+def test_lengths_past_capacity_read_only_the_cache():
+  # Caller bugs must not read outside the cache: the kernel clamps to the capacity.
+  q, k, v = _inputs(jax.random.key(6), 1, 1, 4, 2, 32, 16, jnp.float32)
+  out = decode.decode_attention(q, k, v, jnp.array([40], jnp.int32), block_k=16, num_splits=2,
+                                interpret=True)
+  ref, _ = _reference(q, k, v, jnp.array([32], jnp.int32))
+  # Query position 39 sees every key that exists: the same as a full cache of 32.
+  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)

@@ -16,7 +16,8 @@ Softmax statistics and accumulation are float32; the dots take the cache's dtype
 Block-sparse decode visits only listed key blocks per (batch, kv head):
   block_indices int32 [B, Hkv, max_blocks]   key block numbers (block_size keys each)
   block_counts  int32 [B, Hkv]               how many entries of block_indices are valid
-(a BlockLayout's kv_indices[:, :, 0] / kv_counts[:, :, 0] with one query block).
+(a BlockLayout's kv_indices[:, :, 0] / kv_counts[:, :, 0] with one query block). Indices are
+clamped to the cache and lengths past the capacity read only the capacity (never out of bounds).
 """
 
 from __future__ import annotations
@@ -148,15 +149,17 @@ def _decode_kernel(len_ref, *refs, scale, block_k, num_splits, group, q_len, spa
   length = len_ref[b]
   q = q_ref[...]
   qpos = query_positions(length, rows, group, q_len)
+  num_tiles = k_ref.shape[0] // block_k
   if sparse:
     total = cnt_ref[b, h] * tiles_per_block
   else:
-    total = (length + block_k - 1) // block_k
+    # A length past the capacity is the caller's bug; never read past the buffer because of it.
+    total = jnp.minimum((length + block_k - 1) // block_k, num_tiles)
   lo, hi = split_range(total, num_splits, split)
 
   def body(i, carry):
     if sparse:
-      blk = idx_ref[b, h, i // tiles_per_block]
+      blk = jnp.clip(idx_ref[b, h, i // tiles_per_block], 0, num_tiles // tiles_per_block - 1)
       start = (blk * tiles_per_block + i % tiles_per_block) * block_k
     else:
       start = i * block_k

@@ -184,7 +184,8 @@ def _quant_decode_kernel(len_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vsz_ref
   length = len_ref[b]
   qpos = query_positions(length, rows, group, q_len)
   q_parts = [q_ref[:, pl.ds(p * width, width)].astype(jnp.float32) for p in range(parts)]
-  lo, hi = split_range((length + block_k - 1) // block_k, num_splits, split)
+  num_tiles = kc_ref.shape[0] // block_k
+  lo, hi = split_range(jnp.minimum((length + block_k - 1) // block_k, num_tiles), num_splits, split)
   f32 = lambda x: x.astype(jnp.float32)
 
   def body(i, carry):
