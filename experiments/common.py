@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
