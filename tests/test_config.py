@@ -81,6 +81,7 @@ def test_int_accepted_for_float_and_union_of_dataclasses_by_type():
     (dict(model__vocab_size=100), ["config.model.vocab_size=100", ">= 259"]),
     (dict(model__rope_scaling=dict(factor=2.0)), ["config.model.rope_scaling.type", "linear", "yarn"]),
     (dict(model__attention=("dense", "nope")), ["config.model.attention", "'nope'"]),
+    (dict(data__options=dict(lengths=(128, 512))), ["config.data.options.lengths=(128, 512)", "seq_len=128"]),
 ])
 def test_bad_values_fail_with_the_key_path(overrides, expected):
   message = error_for(**overrides)

@@ -69,6 +69,12 @@ def check_across_sections(cfg: ExperimentConfig) -> None:
     if too_long and {"passkey", "mqar"} & set(cfg.eval.tasks):
       raise ConfigError(f"config.eval.lengths={cfg.eval.lengths}: {too_long} exceed "
                         f"config.model.{max_name}={max_len}; accepted: lengths <= {max_len}")
+  lengths = cfg.data.options.get("lengths")
+  if cfg.data.task in ("passkey", "mqar") and isinstance(lengths, (tuple, list)) and lengths \
+      and max(lengths) > cfg.data.seq_len:
+    raise ConfigError(f"config.data.options.lengths={tuple(lengths)}: task examples are never cut, so every "
+                      f"length must fit config.data.seq_len={cfg.data.seq_len}; accepted: lengths <= "
+                      f"{cfg.data.seq_len} (or a larger seq_len)")
   shards = cfg.mesh.batch_shards
   accum = cfg.optimizer.grad_accum_steps
   if cfg.data.batch_size % accum:

@@ -8,8 +8,14 @@ from lcjax import data as lcdata
 
 
 def train_source(data_cfg):
-  """The training split of config.data.task, built (once, cached) with config.data.options."""
-  return lcdata.build_dataset(data_cfg.task, "train", data_cfg.data_dir, **dict(data_cfg.options))
+  """The training split of config.data.task, built (once, cached) with config.data.options.
+
+  The builders check the options; their ValueError is re-raised naming config.data.
+  """
+  try:
+    return lcdata.build_dataset(data_cfg.task, "train", data_cfg.data_dir, **dict(data_cfg.options))
+  except ValueError as e:
+    raise ValueError(f"config.data (task={data_cfg.task!r}, options={dict(data_cfg.options)}): {e}") from e
 
 
 def make_train_iterator(cfg):
