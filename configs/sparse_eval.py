@@ -33,10 +33,11 @@ def get_config() -> ml_collections.ConfigDict:
       hip=dict(field="budget", grid=(1, 2, 4, 8), fixed={}),
       landmark=dict(field="budget", grid=(1, 2, 4, 8), fixed={}),
       # MInference's defaults (30 sinks, a 100-token window) would cover a 128-token context.
-      vertical_slash=dict(field="n_vertical,n_slash", grid=(4, 8, 16, 32),
+      vertical_slash=dict(field="n_vertical,n_slash", grid=(1, 2, 4, 8, 16),
                           fixed=dict(sink_tokens=4, local_tokens=16, last_q=16)),
-      flexprefill=dict(field="gamma", grid=(0.5, 0.7, 0.9, 0.97), fixed={}),
-      centroid=dict(field="centroid_threshold", grid=(0.3, 0.1, 0.03, 0.01), fixed=dict(centroid_clusters=16)),
+      flexprefill=dict(field="gamma", grid=(0.2, 0.35, 0.5, 0.7, 0.9), fixed={}),
+      # 64 clusters of the 128-256 keys: fewer keys per cluster, so fewer blocks per kept cluster.
+      centroid=dict(field="centroid_threshold", grid=(0.5, 0.3, 0.1, 0.03), fixed=dict(centroid_clusters=64)),
       # HyperAttention recurses down to hyper_min_seq_len; below it everything is exact.
       hyper=dict(field="hyper_block_size", grid=(16, 32, 64),
                  fixed=dict(hyper_min_seq_len=64, hyper_sample_size=16, hyper_lsh_bits=4)),

@@ -165,6 +165,9 @@ def fidelity_tokens(run_cfg, n: int):
   return jnp.asarray(np.asarray(batch["tokens"])[keep], jnp.int32)
 
 
+_select_layout = jax.jit(am.select_layout, static_argnums=0, static_argnames="cfg")
+
+
 def layout_of(method: str, q, k, model_cfg):
   """The BlockLayout `method` computes attention over (None for HyperAttention)."""
   o = model_cfg.attention_options
@@ -176,7 +179,7 @@ def layout_of(method: str, q, k, model_cfg):
     return to_layout(shape & masks.causal(), t, t, o.block_size, o.block_size)
   if method == "hyper":
     return None
-  return am.select_layout(method, q, k, cfg=model_cfg)
+  return _select_layout(method, q, k, cfg=model_cfg)
 
 
 def layer_fidelity(method: str, q, k, v, model_cfg, layer: int) -> dict:
@@ -256,12 +259,14 @@ def plot(path: str, results: dict) -> None:
   rows = results["rows"]
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
   dense = next(r for r in rows if r["method"] == "dense")
-  for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
+  markers = "os^vD<>ph*"
+  for i, method in enumerate(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense")):
+    style = dict(marker=markers[i % len(markers)], ms=4, label=method)
     pts = sorted((r["flops_fraction"], r["accuracy"], r["recall"]) for r in rows if r["method"] == method)
     if all(p[0] != p[0] for p in pts):
       continue   # no layout, no density (HyperAttention): table only
-    axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, label=method)
-    axes[1].plot([p[0] for p in pts], [p[2] for p in pts], "o-", ms=3, label=method)
+    axes[0].plot([p[0] for p in pts], [p[1] for p in pts], **style)
+    axes[1].plot([p[0] for p in pts], [p[2] for p in pts], **style)
   axes[0].axhline(dense["accuracy"], color="k", ls="--", lw=1, label="dense")
   axes[0].axhline(dense["chance"], color="gray", ls=":", lw=1, label="chance")
   axes[0].set(xlabel="density (fraction of dense causal block pairs computed)", ylabel="passkey accuracy",
