@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.only = "dense,streaming,h2o,snapkv,tova,pyramidkv,razor,kivi,gear,mikv,think,quest,landmark,merge,window"
   budgets = (16, 32, 64)
   c.policies = dict(
-      dense=("budget", (128,), dict()),
+      dense=("policy", ("dense",), dict()),     # the full cache, for reference
       window=("budget", budgets, dict()),
       streaming=("budget", budgets, dict(sinks=4)),
       h2o=("budget", budgets, dict(window=8)),
