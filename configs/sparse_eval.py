@@ -12,8 +12,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.checkpoint_dir = "runs/quickstart"       # the trained run's work dir (latest checkpoint under checkpoints/)
-  c.run_config = ""                          # its config file; "" = checkpoint_dir/config.json (what it was
-                                             # trained with, which configs/quickstart.py may no longer be)
+  # The config file the checkpoint was trained with ("" = checkpoint_dir/config.json, which any
+  # later run started in that work dir overwrites, even one that fails at start-up).
+  c.run_config = "configs/quickstart.py"
   c.work_dir = "runs/sparse_eval"
   c.sparse_layers = (0, 1)                   # layers that get the sparse method; the rest stay dense
   c.examples_per_cell = 16                   # passkey examples per (length, depth) cell

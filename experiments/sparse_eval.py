@@ -233,7 +233,8 @@ def run(config) -> dict:
     for value in spec.grid:
       options = am.AttentionOptions(**{**base_options, **dict(spec.fixed), **{f: value for f in fields}})
       record(method, spec.field, value, method_model_config(run_cfg.model, method, options, sparse_layers))
-  return dict(checkpoint_dir=config.checkpoint_dir, checkpoint_step=step, run_config=config.run_config,
+  return dict(checkpoint_dir=config.checkpoint_dir, checkpoint_step=step, run_config=config.run_config or
+              os.path.join(config.checkpoint_dir, "config.json"),
               sparse_layers=list(sparse_layers), options=base_options, eval_lengths=list(run_cfg.eval.lengths),
               fidelity_examples=int(tokens.shape[0]), fidelity_length=int(tokens.shape[1]),
               device=jax.devices()[0].device_kind, rows=rows)
