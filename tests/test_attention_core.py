@@ -62,3 +62,13 @@ def test_bad_heads_named_in_error():
   k = jnp.ones((1, 4, 2, 8))
   with pytest.raises(ValueError, match="multiple of kv heads"):
     attend(q, k, k)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(block_q=0), "block_q=0"), (dict(block_kv=2.0), "block_kv=2.0"), (dict(q_len=jnp.int32(8)), "q_len"),
+    (dict(full=np.ones((1, 1, 2, 3), bool)), "full has shape"), (dict(kv_len=9), "block grid"),
+])
+def test_from_block_mask_bad_arguments_are_named(kwargs, match):
+  args = dict(visible=np.ones((1, 1, 2, 2), bool), full=None, block_q=4, block_kv=4, q_len=8, kv_len=8) | kwargs
+  with pytest.raises(ValueError, match=match):
+    BlockLayout.from_block_mask(args.pop("visible"), args.pop("full"), **args)

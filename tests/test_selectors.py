@@ -228,3 +228,106 @@ def test_centroid_selection_matches_numpy():
   allowed, diagonal = _causal_blocks_and_diagonal()
   assert 0 < kept.mean() < 1                                           # the threshold bites
   np.testing.assert_array_equal(np.asarray(layout.block_mask()[0]), (visible & allowed) | diagonal)
+
+
+# --- top-k selectors against float64 NumPy oracles: odd lengths, unequal blocks, GQA ---------
+
+def _np_block_tables(q_len, kv_len, bq, bk, sinks, local):
+  """NumPy [nQ, nK] (causally visible, always kept) blocks; queries are the last q_len keys."""
+  qpos = np.arange(kv_len - q_len, kv_len)[:, None]
+  kpos = np.arange(kv_len)[None, :]
+  causal = kpos <= qpos
+  keep = causal & ((kpos < sinks) | (kpos > qpos - local))
+  n_q, n_k = -(-q_len // bq), -(-kv_len // bk)
+  reduce = lambda m: np.array([[m[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk].any() for j in range(n_k)]
+                               for i in range(n_q)])
+  return reduce(causal), reduce(keep)
+
+
+def _np_block_scores(name, q, k, bq, bk):
+  """float64 [B, Hq, nQ, nK] block scores of each top-k selector, from its paper's formula."""
+  q = np.asarray(q, np.float64)
+  k = np.repeat(np.asarray(k, np.float64), q.shape[2] // k.shape[2], axis=2)
+  q_len, kv_len, d = q.shape[1], k.shape[1], q.shape[3]
+  n_q, n_k = -(-q_len // bq), -(-kv_len // bk)
+  qb = [q[:, i * bq:(i + 1) * bq] for i in range(n_q)]            # [B, rows, H, D] (valid rows only)
+  kb = [k[:, j * bk:(j + 1) * bk] for j in range(n_k)]
+  out = np.zeros((q.shape[0], q.shape[2], n_q, n_k))
+  if name == "sale":                                                # int4 q, k; softmax; block mass
+    def quant(x):                                                   # symmetric per (token, head)
+      step = np.abs(x).max(-1, keepdims=True) / 7
+      step = np.where(step > 0, step, 1.0)
+      return np.clip(np.round(x / step), -7, 7) * step
+    logits = np.einsum("bqhd,bkhd->bhqk", quant(q), quant(k)) * d ** -0.5
+    qpos = np.arange(kv_len - q_len, kv_len)[:, None]
+    logits = np.where(np.arange(kv_len)[None, :] <= qpos, logits, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+  for i in range(n_q):
+    for j in range(n_k):
+      if name == "block_topk":
+        out[:, :, i, j] = np.einsum("bhd,bhd->bh", qb[i].mean(1), kb[j].mean(1))
+      elif name == "landmark":                                      # mean key of the block
+        out[:, :, i, j] = np.einsum("bqhd,bhd->bhq", qb[i], kb[j].mean(1)).max(-1)
+      elif name == "quest":
+        lo, hi = kb[j].min(1)[:, None], kb[j].max(1)[:, None]       # [B, 1, H, D]
+        out[:, :, i, j] = np.maximum(qb[i] * lo, qb[i] * hi).sum(-1).max(1)
+      else:
+        out[:, :, i, j] = p[:, :, i * bq:(i + 1) * bq, j * bk:(j + 1) * bk].sum(-1).max(-1)
+  return out
+
+
+@pytest.mark.parametrize("name,sinks,local", [("block_topk", 3, 5), ("quest", 0, 1), ("landmark", 2, 4),
+                                              ("sale", 1, 1)])
+@pytest.mark.parametrize("q_len,kv_len,bq,bk,budget", [(29, 45, 6, 7, 2), (13, 31, 4, 3, 1), (17, 50, 5, 4, 3)])
+def test_topk_selectors_match_numpy_oracle(name, sinks, local, q_len, kv_len, bq, bk, budget):
+  kq, kk, kv = jax.random.split(jax.random.key(q_len * 100 + kv_len), 3)
+  q = jax.random.normal(kq, (2, q_len, 4, 8))
+  k = jax.random.normal(kk, (2, kv_len, 2, 8))
+  v = jax.random.normal(kv, (2, kv_len, 2, 8))
+  select = SELECTORS[name][0]
+  layout = select(q, k, budget, block_q=bq, block_kv=bk, sink_tokens=sinks, local_tokens=local)
+  allowed, kept = _np_block_tables(q_len, kv_len, bq, bk, sinks, local)
+  scores = np.where(allowed & ~kept, _np_block_scores(name, q, k, bq, bk), -np.inf)
+  order = np.argsort(-scores, -1, kind="stable")
+  ranked = np.take_along_axis(scores, order, -1)
+  contested = np.isfinite(ranked[..., budget])                      # rows where the budget bites
+  with np.errstate(invalid="ignore"):
+    gap = ranked[..., budget - 1] - ranked[..., budget]
+  assert (gap[contested] > 1e-4).all(), "near-tie at the budget boundary: pick another seed"
+  assert contested.any(), "the budget never bites: the test would not check the ranking"
+  chosen = np.zeros(scores.shape, bool)
+  np.put_along_axis(chosen, order[..., :budget], np.isfinite(ranked[..., :budget]), -1)
+  want = chosen | kept
+  np.testing.assert_array_equal(np.asarray(layout.block_mask()[0]), want)
+  # Exact causal attention over the layout (the `full` flags must not leak the future).
+  out = attend(q, k, v, mask=masks.causal(), layout=layout, q_offset=kv_len - q_len, implementation="xla")
+  rows, cols = np.arange(q_len) // bq, np.arange(kv_len) // bk
+  pairs = want[:, :, rows][:, :, :, cols] & (np.arange(kv_len)[None, :] <= np.arange(kv_len - q_len, kv_len)[:, None])
+  qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
+  s = np.where(pairs, np.einsum("bqhd,bkhd->bhqk", qn, np.repeat(kn, 2, 2)) * 8 ** -0.5, -np.inf)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  np.testing.assert_allclose(out, np.einsum("bhqk,bkhd->bqhd", p, np.repeat(vn, 2, 2)), atol=2e-5)
+
+
+def test_hip_is_subquadratic():
+  """HiP never forms a [Tq, Tk] score map: its largest array is O(T * budget * D), not O(T^2)."""
+  t, blk = 2048, 16
+  q = jax.ShapeDtypeStruct((1, t, 2, 16), jnp.float32)
+  k = jax.ShapeDtypeStruct((1, t, 1, 16), jnp.float32)
+  jaxpr = jax.make_jaxpr(lambda q, k: hip.select(q, k, 4, block_q=blk, block_kv=blk))(q, k).jaxpr
+  largest = max(int(np.prod(v.aval.shape)) for eqn in jaxpr.eqns for v in eqn.outvars)
+  assert largest < t * t // 16, largest
+  # block_topk is O(T^2 / block^2) too; quest's bounds [B, Hq, Tq, nK] are O(T^2 / block): both below T^2.
+  dense = jax.make_jaxpr(lambda q, k: sale.select(q, k, 4, block_q=blk, block_kv=blk))(q, k).jaxpr
+  assert max(int(np.prod(v.aval.shape)) for eqn in dense.eqns for v in eqn.outvars) >= t * t   # the check bites
+
+
+@pytest.mark.parametrize("select", [block_topk.select, quest.select, hip.select, sale.select, landmark.select])
+@pytest.mark.parametrize("kwargs,match", [(dict(sink_tokens=-1), "sink_tokens=-1"),
+                                          (dict(local_tokens=0), "local_tokens=0")])
+def test_bad_sinks_and_window_are_named(select, kwargs, match):
+  q, k = random_qk()
+  with pytest.raises(ValueError, match=match):
+    select(q, k, 1, block_q=BLOCK, block_kv=BLOCK, **kwargs)

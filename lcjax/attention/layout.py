@@ -88,6 +88,9 @@ class BlockLayout:
         means no block is known to be fully visible (the element mask is always applied).
     """
     xp = np if isinstance(visible, np.ndarray) else jnp
+    for name, value in (("block_q", block_q), ("block_kv", block_kv), ("q_len", q_len), ("kv_len", kv_len)):
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}={value!r}; accepted: a static Python int >= 1")
     if visible.ndim != 4:
       raise ValueError(f"visible must be [B, H, num_q_blocks, num_kv_blocks]; got shape {visible.shape}")
     expected = (_cdiv(q_len, block_q), _cdiv(kv_len, block_kv))
@@ -95,6 +98,9 @@ class BlockLayout:
       raise ValueError(
           f"visible has block grid {tuple(visible.shape[2:])}, but q_len={q_len}, kv_len={kv_len} "
           f"with block_q={block_q}, block_kv={block_kv} need {expected}")
+    if full is not None and tuple(full.shape) != tuple(visible.shape):
+      raise ValueError(f"full has shape {tuple(full.shape)}; accepted: None or the shape of visible "
+                       f"{tuple(visible.shape)}")
     visible = visible.astype(bool)
     full = xp.zeros_like(visible) if full is None else (full.astype(bool) & visible)
     kv_indices, kv_counts, kv_full = _compress(visible, full)

@@ -102,6 +102,9 @@ def cumulative_mask(probs, threshold: float):
 
 def base_tables(q_len, kv_len, block_q, block_kv, causal: bool, sink_tokens: int, local_tokens: int):
   """Host tables [nQ, nK]: (allowed by the base mask, fully visible under it, always kept)."""
+  # More sinks or a wider window than there are keys is harmless: clip.
+  sink_tokens = min(static_int("sink_tokens", sink_tokens, minimum=0), kv_len)
+  local_tokens = min(static_int("local_tokens", local_tokens, minimum=1), kv_len)
   offset = kv_len - q_len
   base = masks.causal() if causal else None
   allowed, full = host_block_tables(base or masks.full(), q_len, kv_len, block_q, block_kv, offset)
