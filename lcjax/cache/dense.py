@@ -13,8 +13,15 @@ from lcjax.cache.base import tree_bytes
 
 
 def write_rows(buffer, new, start):
-  """buffer [B, C, ...] <- new [B, T, ...] at per-sequence offsets start int32 [B]."""
-  return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice_in_dim(b, n, s, axis=0))(buffer, new, start)
+  """buffer [B, C, ...] <- new [B, T, ...] at rows start[b] .. start[b] + T - 1 (start int32 [B]).
+
+  Rows that fall past the capacity C are dropped, never clamped: a dynamic_update_slice would move
+  the whole write back to fit and silently overwrite earlier tokens. A cache whose `lengths` then
+  exceed C must say so (DenseKVCache, ThinK and the block-retrieval caches return NaN).
+  """
+  b, t = new.shape[:2]
+  rows = jnp.asarray(start, jnp.int32)[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+  return buffer.at[jnp.arange(b)[:, None], rows].set(new.astype(buffer.dtype), mode="drop")
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "lengths"],
@@ -45,7 +52,8 @@ class DenseKVCache:
     """Writes k_new, v_new [B, T, Hkv, D] at each sequence's length.
 
     Writing past the capacity is an error the caller must prevent (generate checks
-    prompt + new tokens <= capacity up front); inside jit, rows past it would be clamped.
+    prompt + new tokens <= capacity up front); rows past it are dropped and attend() then returns
+    NaN for that sequence (never a silently wrong answer).
     """
     del q
     t = k_new.shape[1]
@@ -57,8 +65,10 @@ class DenseKVCache:
   def attend(self, q, *, scale: float | None = None, implementation: str = "auto"):
     mask = masks.causal() if self.window is None else masks.sliding_window(self.window - 1)
     # Queries are the last T tokens written: absolute positions lengths - T .. lengths - 1.
-    return attend(q, self.k, self.v, mask=mask, scale=scale, q_offset=self.lengths - q.shape[1],
-                  kv_valid_len=self.lengths, implementation=implementation)
+    out = attend(q, self.k, self.v, mask=mask, scale=scale, q_offset=self.lengths - q.shape[1],
+                 kv_valid_len=self.lengths, implementation=implementation)
+    # A sequence that overflowed the capacity lost tokens: NaN, not a silently wrong answer.
+    return jnp.where((self.lengths > self.capacity)[:, None, None, None], jnp.nan, out)
 
   def memory_bytes(self) -> int:
     return tree_bytes((self.k, self.v, self.lengths))
