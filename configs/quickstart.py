@@ -7,7 +7,7 @@ random depth, ending "What is the pass key? The pass key is 4821" (4 digits: cha
 Two layers are the least that can retrieve: a previous-token head in layer 1 lets a layer-2 head
 find "key is " earlier in the context and copy what followed it (an induction circuit). The loss
 is on every token, so the model also learns to copy the repeating filler, which grows the same
-circuit. Measured on this configuration: ~0.97 exact-match accuracy after 600 steps.
+circuit. Measured on this configuration (800 steps): see the README's quickstart numbers.
 """
 
 import ml_collections

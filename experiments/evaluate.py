@@ -6,7 +6,7 @@ config.eval; results and a plot go to <work_dir>/eval/.
 
 import os
 
-from absl import app, flags
+from absl import flags
 
 from experiments import common
 from lcjax.eval import evaluate, format_results
@@ -43,4 +43,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

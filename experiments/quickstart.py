@@ -15,10 +15,7 @@ import time
 
 T_START = time.perf_counter()
 
-from absl import app  # pylint: disable=wrong-import-position
-
 from experiments import common  # pylint: disable=wrong-import-position
-from lcjax.config import ConfigError, parse_config  # pylint: disable=wrong-import-position
 from lcjax.eval import format_results  # pylint: disable=wrong-import-position
 from lcjax.train import train  # pylint: disable=wrong-import-position
 
@@ -35,10 +32,8 @@ def embedded_config():
 def main(argv):
   del argv
   if common.CONFIG.value is None:
-    try:
-      cfg = parse_config(embedded_config())
-    except ConfigError as e:
-      sys.exit(f"config error: {e}")
+    common.quiet_logs()
+    cfg = common.parse_or_exit(embedded_config())
   else:
     cfg = common.load_config()
   # Datasets are built once (cached); their "custom data configuration" warnings are noise here.
@@ -64,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main, default_config=DEFAULT_CONFIG)

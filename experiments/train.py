@@ -4,8 +4,6 @@ Resumes from the latest checkpoint in config.train.work_dir; evaluates at the en
 config.train.eval_every steps) when config.eval.tasks is non-empty.
 """
 
-from absl import app
-
 from experiments import common
 from lcjax.eval import format_results
 from lcjax.train import train
@@ -24,4 +22,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

@@ -8,10 +8,11 @@ import sys
 import ml_collections
 import pytest
 
-from lcjax.config import ConfigError, ExperimentConfig, parse_config
+from lcjax.config import ConfigError, ExperimentConfig, override_errors, parse_config
 from lcjax.config.sections import DataConfig, MeshConfig, OptimizerConfig
 from lcjax.models import ModelConfig
 from lcjax.models.rope import YarnScaling
+from lcjax.train import check_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,6 +83,8 @@ def test_int_accepted_for_float_and_union_of_dataclasses_by_type():
     (dict(model__rope_scaling=dict(factor=2.0)), ["config.model.rope_scaling.type", "linear", "yarn"]),
     (dict(model__attention=("dense", "nope")), ["config.model.attention", "'nope'"]),
     (dict(data__options=dict(lengths=(128, 512))), ["config.data.options.lengths=(128, 512)", "seq_len=128"]),
+    (dict(eval__task_options={"passkey": {"digitz": 3}}), ["config.eval.task_options.passkey", "digitz", "'digits'"]),
+    (dict(eval__task_options={"ruler": {}}), ["config.eval.task_options", "'ruler'", "'mqar'"]),
 ])
 def test_bad_values_fail_with_the_key_path(overrides, expected):
   message = error_for(**overrides)
@@ -136,11 +139,44 @@ def test_quickstart_config_lists_every_key():
     assert set(cd[name].keys()) == {f.name for f in dataclasses.fields(cls)}, name
 
 
+def test_unknown_override_keys_are_named_with_the_accepted_keys():
+  cd = load_config_file(os.path.join(ROOT, "configs", "quickstart.py"))
+  argv = ["--config", "configs/quickstart.py", "--config.model.n_layer=3", "--config.modle.dim=3",
+          "--config.model.dim.x=1", "--config.data.options.digits=3", "--config.train.num_steps", "5"]
+  errors = override_errors(argv, cd)
+  assert len(errors) == 3, errors
+  assert "unknown key config.model.n_layer (did you mean config.model.n_layers?)" in errors[0]
+  assert "accepted keys of config.model: dim, " in errors[0]
+  assert "unknown key config.modle" in errors[1] and "mesh, model, optimizer" in errors[1]
+  assert "config.model.dim is a value (int)" in errors[2]
+
+
+def test_checks_before_training_name_the_path(tmp_path):
+  """What parse_config cannot see: warm-up vs the decay length, and the dataset builder's options."""
+  def check(**overrides):
+    cd = base()
+    for section, values in overrides.items():
+      cd[section] = {**cd[section], **values}
+    cfg = parse_config(cd)
+    with pytest.raises(ConfigError) as e:
+      check_config(cfg)
+    return str(e.value)
+
+  assert "config.optimizer.warmup_steps=100 must be < the decay length 100" in check(optimizer=dict(warmup_steps=100))
+  message = check(data=dict(options=dict(digitz=3)))
+  assert "config.data.options (task='passkey')" in message and "['digitz']" in message and "'digits'" in message
+  assert "digits=0 is invalid; accepted: an int in [1, 18]" in check(data=dict(options=dict(digits=0)))
+  message = check(data=dict(task="passkee", options=dict(digits=3)))
+  assert "config.data.task='passkee'" in message and "'passkey'" in message
+  check_config(parse_config(base()))   # the valid config passes
+
+
 def test_command_line_override_errors_name_the_path():
   """The experiments' flags: a bad override fails at start-up, before any training."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", "experiments.train", "--config", "configs/quickstart.py",
-                         "--config.model.n_heads=3"], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=120)
-  assert proc.returncode != 0
-  assert "config.model.n_heads=3" in proc.stderr, proc.stderr[-2000:]
+  for override, expected in (("--config.model.n_heads=3", "config.model.n_heads=3"),
+                             ("--config.model.n_layer=3", "unknown key config.model.n_layer")):
+    proc = subprocess.run([sys.executable, "-m", "experiments.train", "--config", "configs/quickstart.py",
+                           override], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

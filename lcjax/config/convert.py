@@ -174,7 +174,7 @@ def to_dataclass(cls: type, mapping: Any, path: str = "config"):
   except (ValueError, TypeError) as e:
     # "ModelConfig.n_heads=..." -> "config.model.n_heads=...": the message names the key's path.
     message = str(e).replace(f"{cls.__name__}.", f"{path}.")
-    named = re.match(r"(\w+)=", message)
+    named = re.match(r"(\w+)(?:\.\w+)*=", message)   # "n_heads=" or "task_options.passkey="
     if named and named.group(1) in fields:  # "n_heads=3 ..." -> "config.model.n_heads=3 ..."
       message = f"{path}.{message}"
     raise ConfigError(message if path in message else f"{path}: {message}") from e

@@ -10,6 +10,11 @@ import dataclasses
 from typing import Any, Literal
 
 
+# Per-task example options that config.eval.task_options may set (the rest of a builder's options,
+# lengths/depths/counts, are the evaluation's own); lcjax.eval.retrieval reads the same table.
+EVAL_TASK_OPTIONS = {"passkey": ("digits",), "mqar": ("num_kv_pairs", "vocab_size", "power_a", "random_non_queries")}
+
+
 def require(ok: bool, field: str, value: Any, accepted: str) -> None:
   if not ok:
     raise ValueError(f"{field}={value!r} is not accepted; {accepted}")
@@ -168,3 +173,9 @@ class EvalConfig:
     require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
     require(self.perplexity_examples >= 1, "perplexity_examples", self.perplexity_examples, "must be >= 1")
     require(self.position_buckets >= 1, "position_buckets", self.position_buckets, "must be >= 1")
+    for task, options in self.task_options.items():
+      require(task in EVAL_TASK_OPTIONS, "task_options", self.task_options,
+              f"keys among {tuple(EVAL_TASK_OPTIONS)} (got {task!r})")
+      unknown = sorted(set(options) - set(EVAL_TASK_OPTIONS[task]))
+      require(not unknown, f"task_options.{task}", options,
+              f"unknown key(s) {unknown}; accepted keys: {EVAL_TASK_OPTIONS[task]}")

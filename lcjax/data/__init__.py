@@ -13,6 +13,7 @@ Nothing here imports TensorFlow or needs the internet for the lcjax datasets ("p
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -50,20 +51,30 @@ def default_data_dir() -> str:
   return os.environ.get("LCJAX_DATA_DIR", os.path.expanduser("~/.cache/lcjax/data"))
 
 
-def build_builder(name: str, data_dir: str | None = None, **task_kwargs: Any):
-  """Builds the lcjax dataset `name` (once, cached under data_dir) and returns its TFDS builder.
+def task_config(name: str, **task_kwargs: Any):
+  """The checked builder config of lcjax dataset `name` (nothing is built).
 
   task_kwargs go to the config factory of the task (passkey.passkey_config, mqar.mqar_config,
-  python_stdlib.python_stdlib_config), which rejects unknown keys and bad values.
+  python_stdlib.python_stdlib_config), which rejects bad values; unknown keys are rejected here
+  with the accepted ones listed.
   """
   if name not in _BUILDERS:
     raise ValueError(f"name={name!r} is not an lcjax dataset; accepted: {TASKS}")
-  builder_cls, make_config = _BUILDERS[name]
-  try:
-    config = make_config(**task_kwargs)
-  except TypeError as e:  # an unknown keyword argument
-    raise ValueError(f"task_kwargs={task_kwargs!r} do not fit dataset {name!r}: {e}") from e
-  return prepare(builder_cls, config, data_dir or default_data_dir())
+  _, make_config = _BUILDERS[name]
+  accepted = sorted(inspect.signature(make_config).parameters)
+  unknown = sorted(set(task_kwargs) - set(accepted))
+  if unknown:
+    raise ValueError(f"unknown option(s) {unknown} for dataset {name!r}; accepted: {accepted}")
+  return make_config(**task_kwargs)
+
+
+def build_builder(name: str, data_dir: str | None = None, **task_kwargs: Any):
+  """Builds the lcjax dataset `name` (once, cached under data_dir) and returns its TFDS builder.
+
+  task_kwargs are checked by `task_config`.
+  """
+  config = task_config(name, **task_kwargs)
+  return prepare(_BUILDERS[name][0], config, data_dir or default_data_dir())
 
 
 def build_dataset(name: str, split: str, data_dir: str | None = None, **task_kwargs: Any):
@@ -101,14 +112,14 @@ def build_dataset(name: str, split: str, data_dir: str | None = None, **task_kwa
     raise ValueError(
         f"name={name!r} is neither an lcjax dataset {TASKS} nor a TFDS catalog dataset "
         f"available under data_dir={data_dir!r} in array_record format ({type(e).__name__}: "
-        f"{e}). Catalog builders that need TensorFlow (e.g. pg19) can only be prepared where "
+        f"{(str(e).strip().splitlines() or [''])[0]}). Catalog builders that need TensorFlow (e.g. pg19) can only be prepared where "
         "tensorflow and the internet are available.") from e
   return source if text_key is None else ByteTokenizedSource(source, text_key)
 
 
 __all__ = [
     "BOS_ID", "ByteTokenizedSource", "EOS_ID", "PAD_ID", "PADDED_VOCAB_SIZE", "TASKS",
-    "VOCAB_SIZE", "build_builder", "build_dataset", "decode", "default_data_dir", "encode",
+    "VOCAB_SIZE", "build_builder", "build_dataset", "task_config", "decode", "default_data_dir", "encode",
     "iter_examples", "make_train_dataset", "make_train_iterator", "task_eval_batches",
     "text_eval_batches",
 ]

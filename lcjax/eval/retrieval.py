@@ -19,9 +19,10 @@ from typing import Callable
 import numpy as np
 
 from lcjax import data as lcdata
+from lcjax.config.sections import EVAL_TASK_OPTIONS
 
 # Builder options that describe the examples (the rest, lengths/depths/counts, are the eval's).
-EXAMPLE_OPTIONS = {"passkey": ("digits",), "mqar": ("num_kv_pairs", "vocab_size", "power_a", "random_non_queries")}
+EXAMPLE_OPTIONS = EVAL_TASK_OPTIONS
 
 
 def example_options(task: str, cfg) -> dict:

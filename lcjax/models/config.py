@@ -67,12 +67,15 @@ class ModelConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"ModelConfig.{name}={value!r}; accepted: an int > 0")
+    divisors = lambda n: [d for d in range(1, n + 1) if n % d == 0]
     if self.n_heads % self.n_kv_heads:
-      raise ValueError(f"ModelConfig.n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+      raise ValueError(f"ModelConfig.n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} "
+                       f"(GQA/MQA); accepted: n_kv_heads one of {divisors(self.n_heads)}, or n_heads a multiple "
+                       f"of {self.n_kv_heads}")
     if self.head_dim is None:
       if self.dim % self.n_heads:
-        raise ValueError(f"ModelConfig.dim={self.dim} is not divisible by n_heads={self.n_heads}; "
-                         "set head_dim explicitly")
+        raise ValueError(f"ModelConfig.dim={self.dim} is not divisible by n_heads={self.n_heads}; accepted: "
+                         f"n_heads one of {divisors(self.dim)[-6:]} (or any, with head_dim set explicitly)")
       object.__setattr__(self, "head_dim", self.dim // self.n_heads)
     if not isinstance(self.head_dim, int) or self.head_dim <= 0 or self.head_dim % 2:
       raise ValueError(f"ModelConfig.head_dim={self.head_dim!r}; accepted: an even int > 0 (RoPE rotates pairs)")

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import tqdm
 
-from lcjax.config import ExperimentConfig, to_dict
+from lcjax.config import ConfigError, ExperimentConfig, to_dict
 from lcjax.sharding import batch_sharding, make_mesh, replicated
 from lcjax.train.checkpoint import Checkpointer
 from lcjax.train.metrics import MetricsWriter
@@ -60,6 +60,29 @@ def place_batch(batch: dict, sharding) -> dict:
           for k in BATCH_KEYS}
 
 
+def check_config(cfg: ExperimentConfig, *, check_data: bool = True) -> None:
+  """What parse_config cannot check alone, raised as ConfigError naming the key's path before any
+  model code runs: the schedule's warm-up against its decay length and, with check_data, the
+  options of an in-repo dataset (checked by its builder's config factory; nothing is built)."""
+  from lcjax import data as lcdata  # pylint: disable=import-outside-toplevel
+  try:
+    make_optimizer(cfg.optimizer, cfg.train.num_steps)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  if not check_data:
+    return
+  extra = sorted(set(cfg.data.options) - {"text_key"})
+  if cfg.data.task not in lcdata.TASKS and extra:
+    raise ConfigError(f"config.data.task={cfg.data.task!r} is not an lcjax dataset, and a TFDS catalog dataset "
+                      f"takes no config.data.options {extra}; accepted: task one of {lcdata.TASKS}, or a "
+                      "catalog name with options {text_key} only")
+  if cfg.data.task in lcdata.TASKS:
+    try:
+      lcdata.task_config(cfg.data.task, **dict(cfg.data.options))
+    except (ValueError, TypeError) as e:
+      raise ConfigError(f"config.data.options (task={cfg.data.task!r}): {e}") from e
+
+
 def write_config(cfg: ExperimentConfig, work_dir: str) -> None:
   with open(os.path.join(work_dir, "config.json"), "w", encoding="utf-8") as f:
     json.dump(to_dict(cfg), f, indent=2, default=str)
@@ -83,6 +106,7 @@ def train(cfg: ExperimentConfig, *, model: ModelFns | None = None,
   steps and at the end when cfg.eval.tasks is non-empty (default lcjax.eval.evaluate).
   """
   t_start = time.perf_counter()
+  check_config(cfg, check_data=make_train_iter is None)
   model = model or default_model_fns()
   make_train_iter = make_train_iter or default_train_iterator
   if evaluate is None and cfg.eval.tasks:
