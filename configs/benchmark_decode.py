@@ -9,8 +9,8 @@ CONFIG = dict(
     # (block_k, num_splits, num_warps, num_stages) tried for the dense kernel; best one reported.
     dense_sweep=((64, 8, 4, 4), (128, 16, 4, 3), (64, 16, 4, 3)),
     # (block_k, num_splits, num_warps, num_stages, int8_mma) for the int8 / int4 kernels.
-    quant_sweep=((64, 16, 4, 3, False), (64, 16, 4, 3, True), (128, 16, 4, 3, True), (64, 32, 4, 3, True),
-                 (32, 32, 4, 3, False), (32, 32, 4, 3, True), (64, 16, 8, 3, True)),
+    quant_sweep=((128, 16, 4, 3, True), (64, 16, 4, 3, True), (128, 32, 4, 3, True),
+                 (128, 16, 4, 3, False), (64, 16, 4, 3, False)),
     key_group=128, value_groups=(64, 128),   # int4 takes only groups <= D/2
     sparse_fractions=(0.125, 0.25), sparse_block=128, sparse_splits=(4, 8),
     iters=30, repeats=5,

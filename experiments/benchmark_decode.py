@@ -101,7 +101,7 @@ class Log:
 
 
 def profile(cfg):
-  """One call each of the dense, int8 and int4 kernels at the first length (run under ncu)."""
+  """One call of the dense kernel and of the int8 / int4 kernels on both dot paths (run under ncu)."""
   from pallas_kernels.gpu import decode, decode_quant
   b, hq, hkv, d = cfg["batch"], cfg["q_heads"], cfg["kv_heads"], cfg["head_dim"]
   n = cfg["lengths"][0] if isinstance(cfg["lengths"], (tuple, list)) else cfg["lengths"]
@@ -115,7 +115,8 @@ def profile(cfg):
   jax.block_until_ready(decode.decode_attention(q, k, v, lengths, **opts))
   for bits in (8, 4):
     qkv = decode_quant.quantize_kv(k, v, bits=bits, key_group=cfg["key_group"], value_group=cfg["value_groups"][0])
-    jax.block_until_ready(decode_quant.quantized_decode_attention(q, qkv, lengths, **opts))
+    for int8_mma in (False, True):
+      jax.block_until_ready(decode_quant.quantized_decode_attention(q, qkv, lengths, int8_mma=int8_mma, **opts))
 
 
 def main(argv):
