@@ -210,7 +210,8 @@ def main(argv):
   for policy in only:                                 # in the order given
     field, values, fixed = config.policies[policy]
     for value in values:
-      cache_cfg = CacheConfig(policy=policy, max_chunk=config.chunk, **{**dict(fixed), field: value})
+      # The swept field may be `policy` itself (the dense reference row).
+      cache_cfg = CacheConfig(**{"policy": policy, "max_chunk": config.chunk, **dict(fixed), field: value})
       t0 = time.perf_counter()
       r = evaluate_one(cfg, params, cache_cfg, config)
       rows.append({"policy": policy, "field": field, "value": value, "cache_config": dataclasses.asdict(cache_cfg),
