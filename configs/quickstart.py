@@ -16,8 +16,11 @@ from ml_collections.config_dict import placeholder
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  # cache: the KV cache generate() builds (lcjax.cache.CacheConfig), e.g.
+  # --config.model.cache.policy=snapkv --config.model.cache.budget=64; cla_share: cross-layer attention.
   c.model = dict(vocab_size=384, dim=128, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=512,
-                 max_seq_len=256, rope_theta=10000.0, dtype="float32", param_dtype="float32")
+                 max_seq_len=256, rope_theta=10000.0, dtype="float32", param_dtype="float32", cla_share=1,
+                 cache=dict(policy="dense", budget=256, window=32, sinks=4))
   c.data = dict(task="passkey", seq_len=256, batch_size=16, seed=0, pack=False, loss_on="all",
                 data_dir=placeholder(str),
                 options=dict(lengths=(128, 192, 256), digits=4, num_train=20000, num_validation=16,

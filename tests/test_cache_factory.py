@@ -55,8 +55,13 @@ def test_config_errors_and_cla():
     CacheConfig(budget=0)
   with pytest.raises(ValueError, match="channel_keep"):
     CacheConfig(channel_keep=0.0)
-  caches = make_caches(CacheConfig(policy="dense", cla_share=2), num_layers=4, kv_heads=HKV, head_dim=D,
-                       batch=B, capacity=CAP)
+  cfg = CacheConfig(policy="h2o", layer_budgets=(8, 9, 10, 11), window=2)
+  caches = make_caches(cfg, num_layers=4, kv_heads=HKV, head_dim=D, batch=B, capacity=CAP, cla_share=2)
   assert [c is None for c in caches] == [False, True, False, True]
+  assert [c.budgets[0] for c in caches if c is not None] == [8, 10]          # the owner layer's budget
+  with pytest.raises(ValueError, match="cla_share=0"):
+    make_caches(CacheConfig(), num_layers=4, kv_heads=HKV, head_dim=D, batch=B, capacity=CAP, cla_share=0)
+  assert isinstance(make_caches(CacheConfig(policy="minicache"), num_layers=2, kv_heads=HKV, head_dim=D, batch=B,
+                                capacity=CAP)[1], DenseKVCache)               # merged by generate later
   assert isinstance(make_caches(CacheConfig(policy="tova", budget=8, window=0), num_layers=1, kv_heads=HKV,
                                 head_dim=D, batch=B, capacity=CAP)[0], EvictingKVCache)

@@ -85,11 +85,31 @@ def test_int_accepted_for_float_and_union_of_dataclasses_by_type():
     (dict(data__options=dict(lengths=(128, 512))), ["config.data.options.lengths=(128, 512)", "seq_len=128"]),
     (dict(eval__task_options={"passkey": {"digitz": 3}}), ["config.eval.task_options.passkey", "digitz", "'digits'"]),
     (dict(eval__task_options={"ruler": {}}), ["config.eval.task_options", "'ruler'", "'mqar'"]),
+    (dict(model__cache=dict(policy="nope")), ["config.model.cache.policy='nope'", "'minicache'"]),
+    (dict(model__cache=dict(budgt=64)), ["config.model.cache.budgt", "accepted keys", "budget"]),
+    (dict(model__cache=dict(budget="64")), ["config.model.cache.budget", "expected int"]),
+    (dict(model__cache=dict(layer_budgets=(8, 16, 32))), ["config.model.cache.layer_budgets", "one per layer (2)"]),
+    (dict(model__cache=dict(policy="minicache", minicache_start=1)), ["config.model.cache.minicache_start=1",
+                                                                      "[0, 0]"]),
+    (dict(model__cla_share=0), ["config.model.cla_share=0", ">= 1"]),
+    (dict(model__cla_share=2, model__cache=dict(policy="minicache")), ["config.model.cache.policy='minicache'",
+                                                                       "cla_share=1"]),
 ])
 def test_bad_values_fail_with_the_key_path(overrides, expected):
   message = error_for(**overrides)
   for fragment in expected:
     assert fragment in message, (fragment, message)
+
+
+def test_model_cache_section_parses_into_a_cache_config():
+  from lcjax.cache import CacheConfig
+  assert parse_config(base()).model.cache == CacheConfig()                  # dense by default
+  cd = base()
+  cd["model"].update(cla_share=2, cache=dict(policy="h2o", budget=64, window=8, layer_budgets=[32, 64]))
+  model = parse_config(ml_collections.ConfigDict(cd)).model
+  assert model.cla_share == 2 and model.kv_owners == (0, 0)
+  assert model.cache == CacheConfig(policy="h2o", budget=64, window=8, layer_budgets=(32, 64))
+  hash(model)                                                               # still a static jit argument
 
 
 def test_unknown_section_and_missing_model():
@@ -146,7 +166,7 @@ def test_unknown_override_keys_are_named_with_the_accepted_keys():
   errors = override_errors(argv, cd)
   assert len(errors) == 3, errors
   assert "unknown key config.model.n_layer (did you mean config.model.n_layers?)" in errors[0]
-  assert "accepted keys of config.model: dim, " in errors[0]
+  assert "accepted keys of config.model: cache, cla_share, dim, " in errors[0]
   assert "unknown key config.modle" in errors[1] and "mesh, model, optimizer" in errors[1]
   assert "config.model.dim is a value (int)" in errors[2]
 

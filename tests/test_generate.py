@@ -139,6 +139,26 @@ def test_caller_built_caches():
     generate(params(), CFG, prompts(), PROMPT_LENGTHS, NEW, key=None, caches=llama.init_caches(CFG, 3, 16))
 
 
+def test_caches_built_from_the_model_config():
+  from lcjax.cache import CacheConfig, make_caches
+  cfg = dataclasses.replace(CFG, sliding_window=None)   # non-dense policies do not apply a sliding window
+  dense = generate(params(), cfg, prompts(), PROMPT_LENGTHS, NEW, key=None, prefill_chunk=4)["tokens"]
+  lossless = dataclasses.replace(cfg, cache=CacheConfig(policy="streaming", budget=64, sinks=2))
+  np.testing.assert_array_equal(generate(params(), lossless, prompts(), PROMPT_LENGTHS, NEW, key=None,
+                                         prefill_chunk=4)["tokens"], dense)
+  # A compressing policy with per-layer budgets: the caches generate builds are make_caches' own
+  # (max_chunk set to the prefill chunk), and the config's max_chunk=1 does not get in the way.
+  h2o = CacheConfig(policy="h2o", layer_budgets=(4, 6), window=2)
+  got = generate(params(), dataclasses.replace(cfg, cache=h2o), prompts(), PROMPT_LENGTHS, NEW, key=None,
+                 prefill_chunk=4, return_caches=True)
+  assert [c.budgets for c in got["caches"]] == [(4, 4), (6, 6)]
+  caches = make_caches(dataclasses.replace(h2o, max_chunk=4), num_layers=2, kv_heads=2, head_dim=8, batch=3,
+                       capacity=19)
+  want = generate(params(), cfg, prompts(), PROMPT_LENGTHS, NEW, key=None, prefill_chunk=4, caches=caches)
+  np.testing.assert_array_equal(got["tokens"], want["tokens"])
+  assert (np.asarray(got["tokens"]) != np.asarray(dense)).any()      # budgets below the prompt: lossy
+
+
 def test_bad_arguments_are_rejected():
   p, toks = params(), prompts()
   with pytest.raises(ValueError, match=r"capacity=12 is too small.*needs 19"):

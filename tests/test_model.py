@@ -13,6 +13,7 @@ from lcjax.models import ModelConfig, llama, rope
 CFG = ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, qkv_bias=True,
                   rope_scaling=rope.Llama3Scaling(4.0, original_max_position_embeddings=16), max_seq_len=64)
 WINDOWED = dataclasses.replace(CFG, sliding_window=5, qkv_bias=False, tie_embeddings=True, n_kv_heads=1)
+CLA = dataclasses.replace(CFG, n_layers=3, cla_share=2)   # layers 0, 1 share layer 0's K/V; layer 2 its own
 
 
 def init_shapes(cfg):
@@ -51,6 +52,9 @@ forward = jax.jit(llama.forward, static_argnames="cfg")
     (dict(sliding_window=0), "sliding_window=0"),
     (dict(vocab_size=0), "vocab_size=0"),
     (dict(rope_scaling={"factor": 2}), "rope_scaling="),
+    (dict(cla_share=0), "cla_share=0"),
+    (dict(cache={"polic": "h2o"}), r"cache has unknown keys \['polic'\]"),
+    (dict(cache={"policy": "nope"}), "cache.policy='nope'"),
 ])
 def test_config_rejects_bad_values(kwargs, pattern):
   base = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48)
@@ -68,7 +72,7 @@ def test_config_defaults_and_hashable():
 
 # --- Parameters ---
 
-@pytest.mark.parametrize("cfg", [CFG, WINDOWED])
+@pytest.mark.parametrize("cfg", [CFG, WINDOWED, CLA])
 def test_param_logical_axes_match_params(cfg):
   params = init_shapes(cfg)
   axes = llama.param_logical_axes(cfg)
@@ -87,7 +91,7 @@ def test_param_dtype():
 
 # --- Forward: caches against no caches ---
 
-@pytest.mark.parametrize("cfg", [CFG, WINDOWED], ids=["gqa_bias_llama3", "mqa_window_tied"])
+@pytest.mark.parametrize("cfg", [CFG, WINDOWED, CLA], ids=["gqa_bias_llama3", "mqa_window_tied", "cla_share2"])
 def test_chunked_prefill_and_decode_equal_full_forward(cfg):
   params = random_params(cfg)
   batch, length = 2, 14

@@ -94,9 +94,13 @@ def test_train_step_2x2x2_matches_one_device():
   for g8, g1 in zip(jax.tree.leaves(grads8), jax.tree.leaves(grads1)):
     assert np.abs(g1).max() > 0
     np.testing.assert_allclose(g8, g1, rtol=1e-4, atol=1e-6)
-  # One AdamW step of lr 1e-2 moves each weight by about lr * sign(grad): 2e-5 is 0.2% of it.
-  for p8, p1 in zip(jax.tree.leaves(params8), jax.tree.leaves(params1)):
-    np.testing.assert_allclose(p8, p1, rtol=1e-5, atol=2e-5)
+  # One AdamW step of lr 1e-2 moves each weight by lr * g / (|g| + eps), about lr * sign(g): 2e-5 is
+  # 0.2% of it. Where |g| is near Adam's eps (1e-8) the step amplifies g's float rounding (the
+  # activation constraints reorder reductions): there only a bound well below lr.
+  for p8, p1, g1 in zip(jax.tree.leaves(params8), jax.tree.leaves(params1), jax.tree.leaves(grads1)):
+    steady = np.abs(g1) > 1e-6
+    np.testing.assert_allclose(p8[steady], p1[steady], rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(p8, p1, rtol=0, atol=1e-4)
 
 
 @needs_8
@@ -128,3 +132,87 @@ def test_greedy_generate_on_2x2x2_mesh_matches_one_device():
   got = make_greedy_answerer(generate, MODEL, mesh8)(sharded, batch)
   assert got.shape == (4, 3)
   np.testing.assert_array_equal(got, want)
+
+
+# --- Activations and caches: logical axes, constraints under a mesh, generate(mesh=...) -------------------
+
+def test_rules_table_has_every_activation_and_cache_axis():
+  from lcjax.cache import CacheConfig, POLICIES, cache_logical_axes, make_cache
+  from lcjax.models import llama
+  names = {a for axes in llama.ACTIVATION_AXES.values() for a in axes}
+  for policy in POLICIES:
+    cache = jax.eval_shape(lambda p=policy: make_cache(
+        CacheConfig(policy=p, budget=16, window=4, max_chunk=8, group_size=8, residual=8, block_size=8), 0,
+        num_layers=2, kv_heads=2, head_dim=8, batch=4, capacity=48))
+    axes = cache_logical_axes(cache)
+    leaves, treedef = jax.tree.flatten(cache)
+    for la, x in zip(treedef.flatten_up_to(axes), leaves):   # one tuple per array, batch first
+      assert len(la) == len(x.shape) and la[0] == "batch", (policy, la, x.shape)
+      names.update(a for a in la if a is not None)
+  assert names <= dict(LOGICAL_AXIS_RULES).keys()
+
+
+@needs_8
+def test_cache_logical_axes_give_the_rules_shardings():
+  """DenseKVCache names its axes; a cache that does not (Quest) gets batch-first, rest replicated."""
+  from lcjax.cache import DenseKVCache, QuestKVCache, cache_logical_axes
+  mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  dense = jax.eval_shape(lambda: DenseKVCache.create(4, 16, 2, 8))
+  sh = logical_to_shardings(cache_logical_axes(dense), mesh, dense)
+  assert sh.k.spec == sh.v.spec == P(("data", "fsdp"), None, "tensor", None)
+  assert sh.lengths.spec == P(("data", "fsdp"))
+  quest = jax.eval_shape(lambda: QuestKVCache.create(4, 16, 2, 8, block_size=4, top_blocks=2, local_blocks=1))
+  sh = logical_to_shardings(cache_logical_axes(quest), mesh, quest)
+  assert sh.kmin.spec == P(("data", "fsdp"), None, None, None) and sh.lengths.spec == P(("data", "fsdp"))
+
+
+@needs_8
+def test_forward_with_activation_constraints_on_2x2x2_matches_one_device():
+  """llama.forward under jax.set_mesh(2x2x2): activations constrained by the rules, same logits."""
+  cfg = models.ModelConfig(vocab_size=384, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
+                           max_seq_len=64, qkv_bias=True)
+  params = models.init(jax.random.key(2), cfg)
+  tokens = np.asarray(jax.random.randint(jax.random.key(3), (8, 16), 0, cfg.vocab_size), np.int32)
+  positions = np.broadcast_to(np.arange(16, dtype=np.int32), (8, 16))
+  fwd = jax.jit(lambda p, t, pos: models.forward(p, t, pos, cfg=cfg)[0])
+  lowered = fwd.lower(params, tokens, positions)
+  assert lowered.as_text().count("sharding_constraint") == 0          # no mesh set: no constraints
+  want = np.asarray(lowered.compile()(params, tokens, positions))
+
+  mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  sharded = jax.device_put(params, logical_to_shardings(models.param_logical_axes(cfg), mesh, params))
+  placed = [jax.device_put(x, batch_sharding(mesh)) for x in (tokens, positions)]
+  with jax.set_mesh(mesh):
+    lowered = fwd.lower(sharded, *placed)
+    assert lowered.as_text().count("sharding_constraint") > 5 * cfg.n_layers
+    got = lowered.compile()(sharded, *placed)
+  assert got.sharding.spec == P(("data", "fsdp"), None, "tensor")      # logits ("batch", "seq", "vocab")
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_8
+def test_generate_with_mesh_places_caches_by_the_rules_and_matches_one_device():
+  from lcjax.cache import CacheConfig, make_caches
+  from lcjax.models.generate import generate
+  params = models.init(jax.random.key(5), MODEL)
+  rng = np.random.default_rng(5)
+  prompts = rng.integers(0, MODEL.vocab_size, (4, 10)).astype(np.int32)
+  lengths = np.asarray([10, 7, 4, 9], np.int32)
+  kw = dict(key=None, prefill_chunk=4)
+  want = generate(params, MODEL, prompts, lengths, 5, **kw)
+  mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  got = generate(params, MODEL, prompts, lengths, 5, mesh=mesh, return_caches=True, **kw)
+  np.testing.assert_array_equal(got["tokens"], want["tokens"])
+  np.testing.assert_array_equal(got["lengths"], want["lengths"])
+  assert got["tokens"].sharding.spec == P(("data", "fsdp"), None)
+  for cache in got["caches"]:                        # generate built DenseKVCaches; placed by the rules
+    assert cache.k.sharding.spec == cache.v.sharding.spec == P(("data", "fsdp"), None, "tensor", None)
+    assert cache.lengths.sharding.spec == P(("data", "fsdp"))
+    np.testing.assert_array_equal(cache.lengths, lengths + 5)
+  # Given caches without their own logical_axes: Quest reading every block (lossless, so the dense
+  # tokens) gets the batch-first default.
+  caches = make_caches(CacheConfig(policy="quest", block_size=2, top_blocks=16), num_layers=MODEL.n_layers,
+                       kv_heads=MODEL.n_kv_heads, head_dim=MODEL.head_dim, batch=4, capacity=16)
+  got = generate(params, MODEL, prompts, lengths, 5, caches=caches, mesh=mesh, return_caches=True, **kw)
+  np.testing.assert_array_equal(got["tokens"], want["tokens"])
+  assert got["caches"][0].kmax.sharding.spec == P(("data", "fsdp"), None, None, None)

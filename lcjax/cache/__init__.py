@@ -1,5 +1,5 @@
 """KV-cache pytrees and compression policies (one policy per file; factory.make_caches builds them)."""
-from lcjax.cache.base import KVCache, tree_bytes
+from lcjax.cache.base import KVCache, cache_logical_axes, default_logical_axes, tree_bytes
 from lcjax.cache.dense import DenseKVCache
 from lcjax.cache.config import CacheConfig, POLICIES
 from lcjax.cache.factory import make_cache, make_caches

@@ -1,7 +1,10 @@
 """CacheConfig: one frozen dataclass that names the cache policy and its knobs.
 
 One config line swaps the policy (`CacheConfig(policy="snapkv", budget=128)`); `make_caches`
-(factory.py) turns it into one cache per layer. Fields unused by a policy are ignored.
+(factory.py) turns it into one cache per layer. Fields unused by a policy are ignored. A model
+carries one as `ModelConfig.cache` (experiment configs: `config.model.cache`), from which
+`generate` builds its caches. Cross-layer attention (CLA) is a model option, not a cache policy:
+`ModelConfig.cla_share`.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 POLICIES = ("dense", "window", "streaming", "h2o", "tova", "snapkv", "pyramidkv", "razor", "think",
-            "kivi", "gear", "mikv", "merge", "quest", "landmark", "linear")
+            "kivi", "gear", "mikv", "merge", "quest", "landmark", "linear", "minicache")
 SCHEDULES = ("uniform", "pyramid")
 
 
@@ -36,7 +39,14 @@ class CacheConfig:
     local_blocks: Quest / landmark, most recent blocks always read.
     feature_map: linear attention's feature map ("elu1" or "relu").
     max_chunk: largest number of tokens one update() writes (the prefill chunk); sets headroom.
-    cla_share: cross-layer attention (CLA): layers in groups of cla_share share one cache.
+      generate() sets it to its own prefill chunk when it builds the caches.
+    minicache_start: MiniCache ("minicache": dense caches during the prefill, then generate merges
+      layers (s, s+1), (s+2, s+3), ... from s = minicache_start; None: the paper's middle-depth
+      start, min(n_layers // 2, n_layers - 2)); an odd last layer stays dense.
+    minicache_t: MiniCache's SLERP interpolation t (the paper: 0.6).
+    minicache_gamma: MiniCache's retention threshold, the top fraction of each head's angular
+      distance range whose tokens are kept exactly (lcjax/cache/minicache.py).
+    minicache_max_retained: MiniCache, exactly kept tokens per (sequence, KV head) at most.
   """
   policy: str = "dense"
   budget: int = 256
@@ -62,15 +72,45 @@ class CacheConfig:
   local_blocks: int = 1
   feature_map: str = "elu1"
   max_chunk: int = 1
-  cla_share: int = 1
+  minicache_start: int | None = None
+  minicache_t: float = 0.6
+  minicache_gamma: float = 0.05
+  minicache_max_retained: int = 16
 
   def __post_init__(self):
     if self.policy not in POLICIES:
       raise ValueError(f"policy={self.policy!r}; accepted: {POLICIES}")
     if self.budget_schedule not in SCHEDULES:
       raise ValueError(f"budget_schedule={self.budget_schedule!r}; accepted: {SCHEDULES}")
-    for name in ("budget", "max_chunk", "cla_share", "block_size", "top_blocks", "group_size"):
+    for name in ("budget", "max_chunk", "block_size", "top_blocks", "group_size", "minicache_max_retained"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
     if not 0.0 < self.channel_keep <= 1.0:
       raise ValueError(f"channel_keep={self.channel_keep}: must be in (0, 1]")
+    if self.minicache_start is not None and self.minicache_start < 0:
+      raise ValueError(f"minicache_start={self.minicache_start}; accepted: None (the middle layer) or an int >= 0")
+    for name in ("minicache_t", "minicache_gamma"):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        raise ValueError(f"{name}={getattr(self, name)}; accepted: a float in [0, 1]")
+
+  def check_layers(self, num_layers: int, kv_heads: int) -> None:
+    """Raises ValueError when a per-layer field does not fit a model of num_layers x kv_heads."""
+    if self.layer_budgets is not None and len(self.layer_budgets) != num_layers:
+      raise ValueError(f"layer_budgets has {len(self.layer_budgets)} entries; accepted: one per layer "
+                       f"({num_layers})")
+    if self.head_budgets is not None and (len(self.head_budgets) != num_layers
+                                          or any(len(h) != kv_heads for h in self.head_budgets)):
+      raise ValueError(f"head_budgets={self.head_budgets}; accepted: {num_layers} layers x {kv_heads} KV heads")
+    if self.retrieval_heads and len(self.retrieval_heads) != num_layers:
+      raise ValueError(f"retrieval_heads has {len(self.retrieval_heads)} entries; accepted: () or one tuple "
+                       f"of KV heads per layer ({num_layers})")
+    if self.policy == "minicache":
+      if num_layers < 2:
+        raise ValueError(f"policy='minicache' merges pairs of adjacent layers; the model has {num_layers} layer")
+      if self.minicache_start is not None and self.minicache_start > num_layers - 2:
+        raise ValueError(f"minicache_start={self.minicache_start}; accepted: None or an int in "
+                         f"[0, {num_layers - 2}] (the first layer of a pair of the {num_layers} layers)")
+
+  def minicache_first_layer(self, num_layers: int) -> int:
+    """The first merged layer: minicache_start, or min(num_layers // 2, num_layers - 2) when None."""
+    return min(num_layers // 2, num_layers - 2) if self.minicache_start is None else self.minicache_start

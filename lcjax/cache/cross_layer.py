@@ -3,9 +3,10 @@
 Brandon et al., "Reducing Transformer Key-Value Cache Size with Cross-Layer Attention"
 (arXiv:2405.12981). Groups of `share` adjacent layers use the keys and values computed by the
 first layer of the group; the others compute only queries. That changes the model (it is trained
-that way), so it is a model option: the model computes K/V at owner layers, writes them into the
-owner's cache, and the other layers call `caches[cla_owner(layer, share)].attend(q)` without
-updating. make_caches gives non-owner layers None. Memory shrinks by the factor `share`.
+that way), so it is a model option, ModelConfig.cla_share: lcjax.models.llama gives non-owner
+layers no wk/wv, computes K/V at owner layers, writes them into the owner's cache, and the other
+layers call `caches[cla_owner(layer, share)].attend(q)` without updating.
+make_caches(..., cla_share=share) gives non-owner layers None. Memory shrinks by the factor `share`.
 MiniCache (minicache.py) is the training-free relative: it merges adjacent layers' caches.
 """
 

@@ -72,3 +72,8 @@ class DenseKVCache:
 
   def memory_bytes(self) -> int:
     return tree_bytes((self.k, self.v, self.lengths))
+
+  def logical_axes(self) -> "DenseKVCache":
+    """This cache's structure with logical axis names in place of its arrays (lcjax.sharding)."""
+    kv = ("batch", "cache_seq", "kv_heads", "head_dim")
+    return dataclasses.replace(self, k=kv, v=kv, lengths=("batch",))

@@ -160,6 +160,11 @@ class EvictingKVCache:
     per_slot = 2 * d * self.k.dtype.itemsize + 4 + 4
     return int(b * sum(x + self.max_chunk for x in self.budgets) * per_slot + self.lengths.nbytes)
 
+  def logical_axes(self) -> "EvictingKVCache":
+    """This cache's structure with logical axis names in place of its arrays (lcjax.sharding)."""
+    kv, slot = ("batch", "cache_seq", "kv_heads", "head_dim"), ("batch", "cache_seq", "kv_heads")
+    return dataclasses.replace(self, k=kv, v=kv, pos=slot, score=slot, lengths=("batch",))
+
   def allocated_bytes(self) -> int:
     return int(sum(x.nbytes for x in (self.k, self.v, self.pos, self.score, self.lengths)))
 

@@ -5,8 +5,10 @@
 
 `capacity` is the longest sequence the caller will write (prompt + new tokens). Budgets are
 clamped to it: a budget >= capacity can never evict, and clamping only saves memory. With
-cla_share > 1 (cross-layer attention) only the owner layers get a cache and the others hold None:
-the model reads the owner's cache (cross_layer.cla_owner) instead of writing its own.
+cla_share > 1 (cross-layer attention, the model option ModelConfig.cla_share) only the owner
+layers get a cache, with their own layer's budget, and the others hold None: the model reads the
+owner's cache (cross_layer.cla_owner) instead of writing its own. Policy "minicache" builds dense
+caches; generate merges them after the prefill (minicache.merge_adjacent_layers).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def make_cache(cfg: CacheConfig, layer: int, *, num_layers: int, kv_heads: int, 
   budget = layer_budget(cfg, layer, num_layers, kv_heads, capacity)
   common = dict(dtype=dtype)
   chunk = dict(max_chunk=cfg.max_chunk)
-  if p == "dense":
+  if p in ("dense", "minicache"):   # MiniCache merges dense caches after the prefill
     return DenseKVCache.create(batch, capacity, kv_heads, head_dim, dtype)
   if p in ("window", "streaming"):
     if not isinstance(budget, int):
@@ -94,11 +96,12 @@ def make_cache(cfg: CacheConfig, layer: int, *, num_layers: int, kv_heads: int, 
 
 
 def make_caches(cfg: CacheConfig, *, num_layers: int, kv_heads: int, head_dim: int, batch: int,
-                capacity: int, dtype=jnp.float32) -> list:
-  """One cache per layer (None for layers that read another layer's cache under CLA)."""
-  if num_layers < 1 or kv_heads < 1 or head_dim < 1 or batch < 1 or capacity < 1:
+                capacity: int, dtype=jnp.float32, cla_share: int = 1) -> list:
+  """One cache per layer; with cla_share > 1, None for the layers that read their CLA group's
+  first layer's cache (ModelConfig.cla_share)."""
+  if num_layers < 1 or kv_heads < 1 or head_dim < 1 or batch < 1 or capacity < 1 or cla_share < 1:
     raise ValueError(f"num_layers={num_layers}, kv_heads={kv_heads}, head_dim={head_dim}, batch={batch}, "
-                     f"capacity={capacity}: all must be >= 1")
+                     f"capacity={capacity}, cla_share={cla_share}: all must be >= 1")
   return [make_cache(cfg, layer, num_layers=num_layers, kv_heads=kv_heads, head_dim=head_dim, batch=batch,
-                     capacity=capacity, dtype=dtype) if cla_owner(layer, cfg.cla_share) == layer else None
+                     capacity=capacity, dtype=dtype) if cla_owner(layer, cla_share) == layer else None
           for layer in range(num_layers)]

@@ -15,6 +15,9 @@ layers' MiniCacheKV; tokens written afterwards (decoding) go to a per-layer full
 `tail` slots. The shared direction is held by both layers' pytrees (one array, not copied under
 jit); memory_bytes counts it in the first layer of the pair only, so the sum over layers is right.
 Capacity: a sequence longer than merged_len + tail outputs NaN.
+
+`merge_adjacent_layers` applies the merge to a model's list of caches (layers s, s+1; s+2, s+3;
+...); generate() calls it after the prefill when ModelConfig.cache.policy is "minicache".
 """
 
 from __future__ import annotations
@@ -159,3 +162,38 @@ def merge_layer_pair(cache_a: DenseKVCache, cache_b: DenseKVCache, *, t: float =
                            ret_pos, gather(cache.k), gather(cache.v), cache.lengths, tail_buf, tail_buf,
                            cache.lengths, owns_shared=(i == 0)))
   return tuple(out)
+
+
+def merge_adjacent_layers(caches, *, start_layer: int, t: float = 0.6, gamma: float = 0.05,
+                          max_retained: int = 16, tail: int = 64, length: int | None = None) -> list:
+  """MiniCache over a model: layers (s, s+1), (s+2, s+3), ... from s = start_layer merged pairwise.
+
+  Args:
+    caches: one prefilled DenseKVCache per layer (k, v [B, C, Hkv, D], no sliding window); layers
+      before start_layer, and an odd last layer, are returned unchanged.
+    start_layer: the first layer of the first merged pair, in [0, len(caches) - 2].
+    t, gamma, max_retained, tail: as merge_layer_pair.
+    length: None, or the cache slots merged (static, <= C, >= every sequence's lengths): the
+      merged arrays are [B, length, ...] instead of [B, C, ...].
+  Returns:
+    The list of caches, MiniCacheKV at the merged layers.
+  """
+  n = len(caches)
+  if not 0 <= start_layer <= n - 2:
+    raise ValueError(f"start_layer={start_layer}; accepted: an int in [0, {n - 2}] for {n} layers")
+  out = list(caches)
+  for a in range(start_layer, n - 1, 2):
+    pair = []
+    for layer in (a, a + 1):
+      cache = caches[layer]
+      if not isinstance(cache, DenseKVCache) or cache.window is not None:
+        got = type(cache).__name__ if not isinstance(cache, DenseKVCache) else f"DenseKVCache(window={cache.window})"
+        raise ValueError(f"caches[{layer}] is {got}; accepted: a DenseKVCache without a sliding window "
+                         "(MiniCache merges full caches)")
+      if length is not None:
+        if not 1 <= length <= cache.capacity:
+          raise ValueError(f"length={length}; accepted: None or an int in [1, capacity={cache.capacity}]")
+        cache = dataclasses.replace(cache, k=cache.k[:, :length], v=cache.v[:, :length])
+      pair.append(cache)
+    out[a], out[a + 1] = merge_layer_pair(*pair, t=t, gamma=gamma, max_retained=max_retained, tail=tail)
+  return out

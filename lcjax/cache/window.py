@@ -80,3 +80,8 @@ class SinkWindowKVCache:
 
   def memory_bytes(self) -> int:
     return tree_bytes((self.k, self.v, self.pos, self.lengths))
+
+  def logical_axes(self) -> "SinkWindowKVCache":
+    """This cache's structure with logical axis names in place of its arrays (lcjax.sharding)."""
+    kv = ("batch", "cache_seq", "kv_heads", "head_dim")
+    return dataclasses.replace(self, k=kv, v=kv, pos=("batch", "cache_seq"), lengths=("batch",))

@@ -18,7 +18,8 @@ def make_scorer(forward: Callable, model_cfg, mesh) -> Callable[[dict, dict], di
   """score(params, batch) -> {"nll": float32 [B, T], "correct": bool [B, T]} as numpy.
 
   One forward pass with the true inputs (teacher forcing): nll[b, t] = -log p(targets[b, t]) and
-  correct[b, t] = argmax(logits[b, t]) == targets[b, t]. Compiled once per sequence length.
+  correct[b, t] = argmax(logits[b, t]) == targets[b, t]. Compiled once per sequence length, under
+  jax.set_mesh(mesh) so that the model's activation sharding constraints apply.
   """
 
   @jax.jit
@@ -32,7 +33,8 @@ def make_scorer(forward: Callable, model_cfg, mesh) -> Callable[[dict, dict], di
 
   def run(params, batch):
     args = [jax.make_array_from_process_local_data(sharding, np.asarray(batch[k], np.int32)) for k in SCORED_KEYS]
-    out = score(params, *args)
+    with jax.set_mesh(mesh):
+      out = score(params, *args)
     return {k: np.asarray(jax.device_get(v)) for k, v in out.items()}
 
   return run
@@ -58,7 +60,8 @@ def make_greedy_answerer(generate: Callable, model_cfg, mesh) -> Callable[[dict,
   """answer(params, batch) -> int32 [B, max answer length]: greedy decoding after each prompt.
 
   generate(params, cfg, prompt_tokens, prompt_lengths, max_new_tokens, key=) is lcjax.models'
-  (a chunked prefill and a while_loop decode under one jit); prompts are placed batch-sharded.
+  (a chunked prefill and a while_loop decode under one jit, with NamedShardings on `mesh`);
+  prompts are placed batch-sharded.
   """
   sharding = batch_sharding(mesh)
 
@@ -66,7 +69,7 @@ def make_greedy_answerer(generate: Callable, model_cfg, mesh) -> Callable[[dict,
     prompts, lengths, n_new = answer_prompts(batch)
     prompts = jax.make_array_from_process_local_data(sharding, prompts)
     lengths = jax.make_array_from_process_local_data(batch_sharding(mesh, ndim=1), lengths)
-    out = generate(params, model_cfg, prompts, lengths, n_new, key=None, temperature=0.0)
+    out = generate(params, model_cfg, prompts, lengths, n_new, key=None, temperature=0.0, mesh=mesh)
     return np.asarray(jax.device_get(out["tokens"]))
 
   return run

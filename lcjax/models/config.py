@@ -9,6 +9,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from lcjax.cache.config import CacheConfig
+from lcjax.cache.cross_layer import cla_owners
 from lcjax.models.attention_methods import ATTENTION_METHODS, AttentionOptions
 from lcjax.models.rope import ROPE_SCALINGS, RopeScaling
 
@@ -39,6 +41,11 @@ class ModelConfig:
       on that stream and drops the landmark positions from the outputs (lcjax.attention.landmark).
     landmark_token_id: the landmark token's id (< vocab_size), required with landmark_block_size.
     remat: recompute each layer's activations in the backward pass (jax.checkpoint).
+    cla_share: cross-layer attention (CLA, Brandon et al. 2024): groups of cla_share adjacent
+      layers use the keys and values computed by the group's first layer (`kv_owners`); the other
+      layers have no wk/wv (bk/bv) and, when decoding, read the owner's cache. 1: no sharing.
+    cache: the KV cache generate() builds when it is given none (lcjax.cache.CacheConfig, or a
+      dict of its fields; experiment configs: config.model.cache). Default: dense.
   """
   vocab_size: int
   dim: int
@@ -61,6 +68,8 @@ class ModelConfig:
   attention_options: AttentionOptions = dataclasses.field(default_factory=AttentionOptions)
   landmark_block_size: int | None = None
   landmark_token_id: int | None = None
+  cla_share: int = 1
+  cache: CacheConfig = dataclasses.field(default_factory=CacheConfig)
 
   def __post_init__(self):
     for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
@@ -119,6 +128,35 @@ class ModelConfig:
     elif "landmark_grouped" in self.layer_attention:
       raise ValueError("ModelConfig.attention contains 'landmark_grouped', which needs "
                        "ModelConfig.landmark_block_size; accepted: an int >= 1 there")
+    if not isinstance(self.cla_share, int) or isinstance(self.cla_share, bool) or self.cla_share < 1:
+      raise ValueError(f"ModelConfig.cla_share={self.cla_share!r}; accepted: an int >= 1 (1: every layer "
+                       "computes its own K/V)")
+    self._check_cache()
+
+  def _check_cache(self) -> None:
+    if isinstance(self.cache, dict):
+      accepted = [f.name for f in dataclasses.fields(CacheConfig)]
+      unknown = sorted(set(self.cache) - set(accepted))
+      if unknown:
+        raise ValueError(f"ModelConfig.cache has unknown keys {unknown}; accepted: {accepted}")
+      try:
+        object.__setattr__(self, "cache", CacheConfig(**self.cache))
+      except ValueError as e:
+        raise ValueError(f"ModelConfig.cache.{e}") from None
+    if not isinstance(self.cache, CacheConfig):
+      raise ValueError(f"ModelConfig.cache={self.cache!r}; accepted: a CacheConfig (lcjax.cache) or a dict "
+                       "of its fields")
+    try:
+      self.cache.check_layers(self.n_layers, self.n_kv_heads)
+    except ValueError as e:
+      raise ValueError(f"ModelConfig.cache.{e}") from None
+    if self.cache.policy == "minicache" and self.cla_share > 1:
+      raise ValueError(f"ModelConfig.cache.policy='minicache' merges adjacent layers' caches, but "
+                       f"cla_share={self.cla_share} already shares them; accepted: cla_share=1, or another policy")
+    if self.sliding_window is not None and self.cache.policy != "dense":
+      raise ValueError(f"ModelConfig.cache.policy={self.cache.policy!r} with sliding_window={self.sliding_window}: "
+                       "only the dense cache applies the model's sliding window; accepted: policy 'dense' "
+                       "(or pass generate() caches built by hand)")
 
   @property
   def layer_attention(self) -> tuple[str, ...]:
@@ -126,6 +164,11 @@ class ModelConfig:
     if isinstance(self.attention, str):
       return (self.attention,) * self.n_layers
     return self.attention
+
+  @property
+  def kv_owners(self) -> tuple[int, ...]:
+    """Per layer, the layer whose keys and values it uses (itself unless cla_share > 1)."""
+    return cla_owners(self.n_layers, self.cla_share)
 
   @property
   def compute_dtype(self):

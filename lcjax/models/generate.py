@@ -6,6 +6,17 @@ each chunk are real (`num_new`); the padding written past a sequence's length is
 its decoded tokens. Decoding feeds one token per sequence per step, at position prompt_length +
 step, until every sequence has produced a stop token or max_new_tokens.
 
+Without caches from the caller, generate builds them from the model config (cfg.cache, one
+CacheConfig; cfg.cla_share for cross-layer attention) with the prefill chunk as max_chunk; with
+cfg.cache.policy == "minicache" it merges adjacent layers' dense caches after the prefill
+(lcjax.cache.minicache.merge_adjacent_layers), and decoding reads the merged caches.
+
+With a mesh (`generate(..., mesh=mesh)`) the whole call is one jax.jit with NamedShardings from
+the logical-axis rules (lcjax.sharding): params by `param_logical_axes`, caches (given or built)
+by `cache_logical_axes`, prompts and the outputs split over the batch axes, the key and the step
+count replicated. It runs under `jax.set_mesh(mesh)`, so the model's activation constraints and
+the caches' constraints in the decode loop apply too.
+
 With DynamicNTKScaling the RoPE base depends on the longest position in each forward call (as in
 transformers), so results then depend on the batch's longest prompt and on the prefill chunking.
 """
@@ -18,9 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcjax.cache.base import cache_logical_axes
+from lcjax.cache.minicache import merge_adjacent_layers
 from lcjax.models import llama
 from lcjax.models.config import ModelConfig
 from lcjax.models.sampling import sample_logits, validate_sampling
+from lcjax.sharding import constrain_tree, logical_sharding, logical_to_shardings, replicated
 
 
 def _round_up(n: int, m: int) -> int:
@@ -56,15 +70,31 @@ def _prefill(params, tokens, lengths, caches, *, cfg: ModelConfig, chunk: int):
   return llama.logits_from_hidden(params, last_h[:, None], cfg)[:, 0], caches
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "chunk", "capacity", "temperature",
-                                             "top_k", "top_p", "stop_tokens", "pad_id", "cache_dtype"))
-def _generate(params, prompt_tokens, prompt_lengths, key, caches, *, cfg, max_new_tokens, chunk, capacity,
-              temperature, top_k, top_p, stop_tokens, pad_id, cache_dtype):
+def _constrain_caches(caches):
+  """Each cache's arrays constrained by its logical axes (identity without an active mesh)."""
+  return [None if c is None else constrain_tree(c, cache_logical_axes(c)) for c in caches]
+
+
+def _cache_shardings(caches, mesh):
+  """NamedShardings of a list of caches (arrays or ShapeDtypeStructs) from their logical axes."""
+  return [None if c is None else logical_to_shardings(cache_logical_axes(c), mesh, c) for c in caches]
+
+
+def _generate_impl(params, prompt_tokens, prompt_lengths, key, caches, *, cfg, max_new_tokens, chunk, capacity,
+                   temperature, top_k, top_p, stop_tokens, pad_id, cache_dtype, return_caches=False):
+  """The whole of generate (prefill, then the decode loop); jitted as _generate or by _mesh_jit."""
   batch, prompt_len = prompt_tokens.shape
   padded = jnp.full((batch, _round_up(prompt_len, chunk)), pad_id, jnp.int32).at[:, :prompt_len].set(prompt_tokens)
-  if caches is None:
-    caches = llama.init_caches(cfg, batch, capacity, cache_dtype)
-  logits, caches = _prefill(params, padded, prompt_lengths, caches, cfg=cfg, chunk=chunk)
+  from_config = caches is None
+  if from_config:
+    caches = llama.init_caches(cfg, batch, capacity, cache_dtype, max_chunk=chunk)
+  logits, caches = _prefill(params, padded, prompt_lengths, _constrain_caches(caches), cfg=cfg, chunk=chunk)
+  if from_config and cfg.cache.policy == "minicache":
+    c = cfg.cache
+    caches = merge_adjacent_layers(caches, start_layer=c.minicache_first_layer(cfg.n_layers), t=c.minicache_t,
+                                   gamma=c.minicache_gamma, max_retained=c.minicache_max_retained,
+                                   tail=max_new_tokens, length=padded.shape[1])
+  caches = _constrain_caches(caches)
   stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
 
   def cond(state):
@@ -82,18 +112,60 @@ def _generate(params, prompt_tokens, prompt_lengths, key, caches, *, cfg, max_ne
     positions = (prompt_lengths + step)[:, None]
     h, caches = llama.forward_hidden(params, tok[:, None], positions, caches, cfg=cfg)
     logits = llama.logits_from_hidden(params, h, cfg)[:, 0]
-    return step + 1, caches, logits, out, done, n_out, key
+    # The loop carry keeps the caches' sharding (with a mesh); otherwise a no-op.
+    return step + 1, _constrain_caches(caches), logits, out, done, n_out, key
 
   out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
   state = (jnp.int32(0), caches, logits, out, jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32), key)
-  steps, _, _, out, _, n_out, _ = jax.lax.while_loop(cond, body, state)
-  return {"tokens": out, "lengths": n_out, "steps": steps}
+  steps, caches, _, out, _, n_out, _ = jax.lax.while_loop(cond, body, state)
+  result = {"tokens": out, "lengths": n_out, "steps": steps}
+  if return_caches:
+    result["caches"] = caches
+  return result
+
+
+_STATIC = ("cfg", "max_new_tokens", "chunk", "capacity", "temperature", "top_k", "top_p", "stop_tokens", "pad_id",
+           "cache_dtype", "return_caches")
+_generate = jax.jit(_generate_impl, static_argnames=_STATIC)
+
+
+@functools.lru_cache(maxsize=32)
+def _mesh_jit(mesh, static_items: tuple, in_flat: tuple, abstract_flat: tuple):
+  """The jax.jit of _generate_impl for one mesh, static arguments and input layout, with in/out NamedShardings.
+
+  in_flat, abstract_flat: (leaves, treedef) of the inputs' shardings and ShapeDtypeStructs
+  (hashable, so that repeated calls reuse the compiled function).
+  """
+  fn = functools.partial(_generate_impl, **dict(static_items))
+  in_shardings = jax.tree.unflatten(in_flat[1], in_flat[0])
+  with jax.set_mesh(mesh):   # the outputs' structure (MiniCache's merge changes the caches' type)
+    out = jax.eval_shape(fn, *jax.tree.unflatten(abstract_flat[1], abstract_flat[0]))
+  out_shardings = {"tokens": logical_sharding(("batch", None), mesh, out["tokens"].shape),
+                   "lengths": logical_sharding(("batch",), mesh, out["lengths"].shape), "steps": replicated(mesh)}
+  if "caches" in out:
+    out_shardings["caches"] = _cache_shardings(out["caches"], mesh)
+  return jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings)
+
+
+def _generate_on_mesh(mesh, args: tuple, static: dict):
+  """_generate_impl jitted with NamedShardings on `mesh` (see the module doc); args are placed first."""
+  params, tokens, lengths, _, caches = args
+  in_shardings = (logical_to_shardings(llama.param_logical_axes(static["cfg"]), mesh, params),
+                  logical_sharding(("batch", None), mesh, tokens.shape),
+                  logical_sharding(("batch",), mesh, lengths.shape), replicated(mesh),
+                  None if caches is None else _cache_shardings(caches, mesh))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
+  in_leaves, in_tree = jax.tree.flatten(in_shardings)
+  abs_leaves, abs_tree = jax.tree.flatten(abstract)
+  fn = _mesh_jit(mesh, tuple(sorted(static.items())), (tuple(in_leaves), in_tree), (tuple(abs_leaves), abs_tree))
+  with jax.set_mesh(mesh):
+    return fn(*jax.device_put(args, in_shardings))
 
 
 def generate(params, cfg: ModelConfig, prompt_tokens, prompt_lengths, max_new_tokens: int, *, key,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              stop_tokens=(), prefill_chunk: int | None = None, capacity: int | None = None,
-             pad_id: int = 0, cache_dtype=None, caches=None):
+             pad_id: int = 0, cache_dtype=None, caches=None, mesh=None, return_caches: bool = False):
   """Samples continuations of right-padded prompts.
 
   Args:
@@ -109,13 +181,19 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_lengths, max_new_to
     capacity: cache slots; None means `required_capacity(P, max_new_tokens, prefill_chunk)`.
     pad_id: written after a sequence stops (and used to pad the prompt to whole chunks).
     cache_dtype: the caches' dtype, default cfg.dtype.
-    caches: None (DenseKVCache per layer, from llama.init_caches) or empty caches of batch B,
-      one per layer, of any lcjax.cache type (e.g. lcjax.cache.factory.make_caches); those with a
-      `capacity` attribute are checked against what generate needs.
+    caches: None: built from cfg.cache by llama.init_caches (cfg.cache.max_chunk replaced by the
+      prefill chunk; MiniCache merged after the prefill). Or empty caches of batch B, one per
+      layer (None at CLA non-owner layers), of any lcjax.cache type (e.g. lcjax.cache.make_caches),
+      used as given (cfg.cache is then not read); those with a `capacity` attribute are checked
+      against what generate needs.
+    mesh: None, or a jax.sharding.Mesh (lcjax.sharding.make_mesh): jit with NamedShardings from
+      the logical-axis rules (module doc); inputs are moved to those shardings first.
+    return_caches: also return the caches after the last decode step (with a mesh, placed by
+      their logical axes).
   Returns:
     {"tokens": int32 [B, max_new_tokens] (pad_id after a stop), "lengths": int32 [B] tokens
     generated, stop included, "steps": int32 [] decode steps run (fewer than max_new_tokens
-    when every sequence stopped early)}.
+    when every sequence stopped early)}, and "caches" (one per layer) with return_caches.
   """
   prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
   prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
@@ -158,7 +236,11 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_lengths, max_new_to
       raise ValueError("key=None; accepted: a jax.random key (sampling with temperature > 0 needs one)")
     key = jax.random.key(0)
   cache_dtype = None if cache_dtype is None else jnp.dtype(cache_dtype).name
-  return _generate(params, prompt_tokens, prompt_lengths, key, caches, cfg=cfg, max_new_tokens=max_new_tokens,
-                   chunk=chunk, capacity=capacity, temperature=float(temperature), top_k=top_k,
-                   top_p=None if top_p is None else float(top_p), stop_tokens=stop_tokens, pad_id=int(pad_id),
-                   cache_dtype=cache_dtype)
+  static = dict(cfg=cfg, max_new_tokens=max_new_tokens, chunk=chunk, capacity=capacity,
+                temperature=float(temperature), top_k=top_k, top_p=None if top_p is None else float(top_p),
+                stop_tokens=stop_tokens, pad_id=int(pad_id), cache_dtype=cache_dtype,
+                return_caches=bool(return_caches))
+  args = (params, prompt_tokens, prompt_lengths, key, caches)
+  if mesh is None:
+    return _generate(*args, **static)
+  return _generate_on_mesh(mesh, args, static)

@@ -14,12 +14,17 @@ Parameters (shapes; logical axis names from `param_logical_axes` in brackets):
   final_norm   [dim]                         ("embed",)
   lm_head      [dim, vocab]                  ("embed", "vocab")   (absent with tie_embeddings)
 
+With cross-layer attention (cfg.cla_share > 1) only the first layer of each group of cla_share
+layers (cfg.kv_owners) has wk, wv (bk, bv); the group's other layers use the keys and values it
+computes, and, when decoding, read its cache (their entry of `caches` is None).
+
 Parameters are stored in cfg.param_dtype and cast to cfg.dtype where used; RMSNorm statistics,
 RoPE and logits are float32.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -27,12 +32,30 @@ import jax.numpy as jnp
 
 from lcjax.attention import landmark as landmark_lib
 from lcjax.cache.dense import DenseKVCache
+from lcjax.cache.factory import make_caches
 from lcjax.models.attention_methods import attention_fn_for, check_no_segments
 from lcjax.models.config import ModelConfig
 from lcjax.models.rope import apply_rope, rope_cos_sin
+from lcjax.sharding import constrain
+
+# Logical axes of the main activations. forward applies them as sharding constraints through
+# lcjax.sharding's rules table, on the mesh set with `jax.set_mesh(mesh)` (jit_train_step and
+# generate(mesh=...) set it); with no mesh set, or a one-device mesh, they are no-ops.
+ACTIVATION_AXES = {
+    "hidden": ("batch", "seq", "embed"),             # the residual stream x [B, T, dim]
+    "q": ("batch", "seq", "q_heads", "head_dim"),     # q and the attention output [B, T, Hq, D]
+    "kv": ("batch", "seq", "kv_heads", "head_dim"),   # k, v [B, T, Hkv, D]
+    "mlp": ("batch", "seq", "mlp"),                   # SwiGLU's gated inner activations [B, T, hidden]
+    "logits": ("batch", "seq", "vocab"),              # [B, T, vocab]
+}
 
 
-def _layer_axes(cfg: ModelConfig) -> dict:
+def _constrain(x, kind: str):
+  """x with the sharding constraint of ACTIVATION_AXES[kind] (identity without an active mesh)."""
+  return constrain(x, ACTIVATION_AXES[kind])
+
+
+def _layer_axes(cfg: ModelConfig, layer: int) -> dict:
   axes = {
       "attn_norm": ("embed",),
       "wq": ("embed", "q_heads", "head_dim"),
@@ -46,12 +69,15 @@ def _layer_axes(cfg: ModelConfig) -> dict:
   }
   if cfg.qkv_bias:
     axes.update(bq=("q_heads", "head_dim"), bk=("kv_heads", "head_dim"), bv=("kv_heads", "head_dim"))
+  if cfg.kv_owners[layer] != layer:   # CLA: this layer uses its group's first layer's K/V
+    for name in ("wk", "wv", "bk", "bv"):
+      axes.pop(name, None)
   return axes
 
 
 def param_logical_axes(cfg: ModelConfig) -> dict:
   """The params pytree's structure with a tuple of logical axis names in place of each array."""
-  axes = {"embed": ("vocab", "embed"), "layers": [_layer_axes(cfg) for _ in range(cfg.n_layers)],
+  axes = {"embed": ("vocab", "embed"), "layers": [_layer_axes(cfg, i) for i in range(cfg.n_layers)],
           "final_norm": ("embed",)}
   if not cfg.tie_embeddings:
     axes["lm_head"] = ("embed", "vocab")
@@ -93,12 +119,22 @@ def init(key, cfg: ModelConfig) -> dict:
   return jax.tree.unflatten(treedef, out)
 
 
-def init_caches(cfg: ModelConfig, batch: int, capacity: int, dtype=None) -> list:
-  """One empty DenseKVCache per layer: k, v [batch, capacity, n_kv_heads, head_dim] in dtype
-  (default cfg.dtype), with cfg.sliding_window as the window."""
+def init_caches(cfg: ModelConfig, batch: int, capacity: int, dtype=None, max_chunk: int | None = None) -> list:
+  """Empty caches of the policy cfg.cache, one per layer (None at the layers that read another
+  layer's cache under CLA, cfg.cla_share), in dtype (default cfg.dtype).
+
+  The dense policy gives DenseKVCache k, v [batch, capacity, n_kv_heads, head_dim] with
+  cfg.sliding_window as the window; others come from lcjax.cache.make_caches with capacity as
+  the longest sequence. max_chunk: None, or the most tokens one forward call writes (overrides
+  cfg.cache.max_chunk; generate passes its prefill chunk).
+  """
   dtype = cfg.compute_dtype if dtype is None else jnp.dtype(dtype)
-  return [DenseKVCache.create(batch, capacity, cfg.n_kv_heads, cfg.head_dim, dtype, window=cfg.sliding_window)
-          for _ in range(cfg.n_layers)]
+  if cfg.cache.policy == "dense":
+    return [DenseKVCache.create(batch, capacity, cfg.n_kv_heads, cfg.head_dim, dtype, window=cfg.sliding_window)
+            if owner == layer else None for layer, owner in enumerate(cfg.kv_owners)]
+  cache_cfg = cfg.cache if max_chunk is None else dataclasses.replace(cfg.cache, max_chunk=max_chunk)
+  return make_caches(cache_cfg, num_layers=cfg.n_layers, kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                     batch=batch, capacity=capacity, dtype=dtype, cla_share=cfg.cla_share)
 
 
 def rms_norm(x, scale, eps: float):
@@ -115,40 +151,58 @@ def _shift_rows(x, shift):
   return jnp.take_along_axis(x, src.reshape(src.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _attend_cached(cache, q, k, v, num_new, scale):
-  """Writes k, v to the cache and attends q over it; returns (out [B, T, Hq, D], cache).
+def _attend_cached(cache, q, num_new, scale):
+  """Attends q [B, T, Hq, D] over a cache the chunk has been written to; returns out [B, T, Hq, D].
 
   With num_new int32 [B] only the first num_new[b] tokens of the chunk are real. The cache
   protocol places the queries at the last T positions written (lengths - T .. lengths - 1), so
   the real queries are moved to the end of the chunk for attend() and moved back afterwards.
   """
-  cache = cache.update(k, v, q=q, num_new=num_new)
   if num_new is None:
-    return cache.attend(q, scale=scale), cache
+    return cache.attend(q, scale=scale)
   shift = q.shape[1] - jnp.asarray(num_new, jnp.int32)
   out = cache.attend(_shift_rows(q, shift), scale=scale)
-  return _shift_rows(out, -shift), cache
+  return _shift_rows(out, -shift)
 
 
-def _decoder_layer(p, x, cos, sin, cache, num_new, segment_ids, *, cfg: ModelConfig, layer: int):
+def _decoder_layer(p, x, cos, sin, cache, num_new, segment_ids, shared, *, cfg: ModelConfig, layer: int,
+                   cached: bool):
+  """One decoder layer: (x [B, T, dim], cache, shared).
+
+  At a K/V owner layer (cfg.kv_owners[layer] == layer) `shared` comes in as None and goes out as
+  what the rest of its CLA group reads: the RoPE'd (k, v) [B, T, Hkv, D] without caches, or
+  the updated cache with them (cached). At the other layers it comes in as that, and `cache` is
+  None.
+  """
   dtype = cfg.compute_dtype
   w = lambda name: p[name].astype(dtype)
   h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
   q = jnp.einsum("btd,dhk->bthk", h, w("wq"))
-  k = jnp.einsum("btd,dhk->bthk", h, w("wk"))
-  v = jnp.einsum("btd,dhk->bthk", h, w("wv"))
   if cfg.qkv_bias:
-    q, k, v = q + w("bq"), k + w("bk"), v + w("bv")
-  q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-  if cache is None:
+    q = q + w("bq")
+  q = _constrain(apply_rope(q, cos, sin), "q")
+  owner = cfg.kv_owners[layer] == layer
+  if owner:
+    k = jnp.einsum("btd,dhk->bthk", h, w("wk"))
+    v = jnp.einsum("btd,dhk->bthk", h, w("wv"))
+    if cfg.qkv_bias:
+      k, v = k + w("bk"), v + w("bv")
+    k, v = _constrain(apply_rope(k, cos, sin), "kv"), _constrain(v, "kv")
+  if not cached:
+    k, v = (k, v) if owner else shared
     attn = attention_fn_for(cfg.layer_attention[layer])(q, k, v, cfg=cfg, layer=layer, segment_ids=segment_ids)
+    shared = (k, v)
   else:
-    attn, cache = _attend_cached(cache, q, k, v, num_new, cfg.head_dim ** -0.5)
-  x = x + jnp.einsum("bthk,hkd->btd", attn.astype(dtype), w("wo"))
+    if owner:
+      cache = cache.update(k, v, q=q, num_new=num_new)
+      shared = cache
+    attn = _attend_cached(shared, q, num_new, cfg.head_dim ** -0.5)
+  attn = _constrain(attn.astype(dtype), "q")
+  x = _constrain(x + jnp.einsum("bthk,hkd->btd", attn, w("wo")), "hidden")
   h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-  gate = jax.nn.silu(h @ w("w_gate"))
-  x = x + (gate * (h @ w("w_up"))) @ w("w_down")
-  return x, cache
+  inner = _constrain(jax.nn.silu(h @ w("w_gate")) * (h @ w("w_up")), "mlp")
+  x = _constrain(x + inner @ w("w_down"), "hidden")
+  return x, cache, shared
 
 
 def _validate_inputs(tokens, positions, caches, cfg, segment_ids, num_new) -> None:
@@ -161,8 +215,11 @@ def _validate_inputs(tokens, positions, caches, cfg, segment_ids, num_new) -> No
   if caches is not None:
     if len(caches) != cfg.n_layers:
       raise ValueError(f"caches has {len(caches)} entries; accepted: one per layer ({cfg.n_layers})")
-    if any(c is None for c in caches):
-      raise ValueError("caches contains None (cross-layer sharing); accepted: one cache object per layer")
+    for i, (c, owner) in enumerate(zip(caches, cfg.kv_owners)):
+      if (c is None) != (owner != i):
+        raise ValueError(f"caches[{i}] is {'None' if c is None else type(c).__name__}; accepted: "
+                         + ("a cache (this layer computes its own K/V)" if owner == i else
+                            f"None (cla_share={cfg.cla_share}: layer {i} reads layer {owner}'s cache)"))
     if segment_ids is not None:
       raise ValueError("segment_ids (packed sequences) is for the no-cache path; got caches as well")
   elif num_new is not None:
@@ -179,15 +236,19 @@ def forward_hidden(params, tokens, positions, caches=None, *, cfg: ModelConfig, 
 
 def _decoder_stack(params, tokens, positions, caches, *, cfg: ModelConfig, segment_ids, num_new):
   """Embedding, every decoder layer and the final norm: (h [B, T, dim], caches)."""
-  x = jnp.take(params["embed"], tokens, axis=0).astype(cfg.compute_dtype)
+  x = _constrain(jnp.take(params["embed"], tokens, axis=0).astype(cfg.compute_dtype), "hidden")
   cos, sin = rope_cos_sin(positions, head_dim=cfg.head_dim, theta=cfg.rope_theta, scaling=cfg.rope_scaling,
                           max_seq_len=cfg.max_seq_len)
   new_caches = None if caches is None else []
+  shared = None                     # what the current CLA group's owner layer computed
   for i, p in enumerate(params["layers"]):
-    layer_fn = functools.partial(_decoder_layer, cfg=cfg, layer=i)
+    layer_fn = functools.partial(_decoder_layer, cfg=cfg, layer=i, cached=caches is not None)
     if cfg.remat:
       layer_fn = jax.checkpoint(layer_fn)
-    x, cache = layer_fn(p, x, cos, sin, None if caches is None else caches[i], num_new, segment_ids)
+    if cfg.kv_owners[i] == i:
+      shared = None
+    x, cache, shared = layer_fn(p, x, cos, sin, None if caches is None else caches[i], num_new, segment_ids,
+                                shared)
     if caches is not None:
       new_caches.append(cache)
   return rms_norm(x, params["final_norm"], cfg.norm_eps), new_caches
@@ -212,7 +273,8 @@ def _forward_hidden_landmarks(params, tokens, positions, caches, *, cfg: ModelCo
 def logits_from_hidden(params, h, cfg: ModelConfig):
   """float32 logits [B, T, vocab] from final-normed hidden states h [B, T, dim]."""
   w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-  return jnp.einsum("btd,dv->btv", h, w.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+  return _constrain(jnp.einsum("btd,dv->btv", h, w.astype(cfg.compute_dtype), preferred_element_type=jnp.float32),
+                    "logits")
 
 
 def forward(params, tokens, positions, caches=None, *, cfg: ModelConfig, segment_ids=None, num_new=None):
@@ -225,7 +287,7 @@ def forward(params, tokens, positions, caches=None, *, cfg: ModelConfig, segment
       the cache's lengths + arange(T) when decoding).
     caches: None (training / full sequences: causal attention within segment_ids, by each
       layer's attention method) or a list of per-layer caches (lcjax.cache protocol) that the
-      chunk is appended to.
+      chunk is appended to; None at the layers that read their CLA group's cache (cfg.kv_owners).
     cfg: the ModelConfig.
     segment_ids: int32 [B, T] or None: tokens attend only within their segment (packing).
     num_new: with caches, int32 [B] or None: only the first num_new[b] tokens of sequence b are

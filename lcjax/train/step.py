@@ -77,7 +77,19 @@ def train_step(state: dict, batch: dict, *, forward: Callable, model_cfg, tx: op
 
 
 def jit_train_step(step_fn: Callable, state_shardings: Any, batch_sharding: Any, metrics_sharding: Any):
-  """jax.jit of step_fn(state, batch) with NamedShardings; the old state's buffers are donated."""
+  """jax.jit of step_fn(state, batch) with NamedShardings; the old state's buffers are donated.
+
+  The returned step runs under jax.set_mesh(batch_sharding.mesh), so that the model's activation
+  sharding constraints (lcjax.sharding.constrain) apply on that mesh.
+  """
   batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
-  return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
-                 out_shardings=(state_shardings, metrics_sharding), donate_argnums=0)
+  jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, metrics_sharding), donate_argnums=0)
+  mesh = batch_sharding.mesh
+
+  def step(state, batch):
+    with jax.set_mesh(mesh):
+      return jitted(state, batch)
+
+  step.jitted = jitted
+  return step
