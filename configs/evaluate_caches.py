@@ -5,7 +5,8 @@
 
 `experiment` is the quickstart config (model, data, eval); its checkpoint is read from
 checkpoint_dir (trained there first when train_if_missing). Each entry of `policies` is
-policy -> (name of the swept CacheConfig field, values, other CacheConfig fields).
+policy -> (name of the swept CacheConfig field, values, other CacheConfig fields);
+retrieval_heads="detect" takes RazorAttention's echo/induction probe's heads on the loaded model.
 """
 
 import ml_collections
@@ -38,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
       tova=("budget", budgets, dict()),
       snapkv=("budget", budgets, dict(obs_window=8, pool_kernel=7)),
       pyramidkv=("budget", budgets, dict(obs_window=8, pool_kernel=7)),
-      razor=("window", (12, 28, 60), dict(sinks=4)),
+      razor=("window", (12, 28, 60), dict(sinks=4, retrieval_heads="detect")),
       think=("channel_keep", (0.25, 0.5, 0.75), dict(obs_window=8)),
       kivi=("bits", (8, 4, 2), dict(group_size=16, residual=16)),
       gear=("bits", (4, 2), dict(group_size=16, residual=16, rank=2)),
@@ -47,4 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
       quest=("top_blocks", (1, 2, 4), dict(block_size=16)),
       landmark=("top_blocks", (1, 2, 4), dict(block_size=16)),
   )
+  # RazorAttention's probe for retrieval_heads="detect" (lcjax.models.retrieval_heads): the paper's
+  # 15 % induction + 1 % echo heads, on a repeated random probe of byte tokens.
+  c.retrieval_head_probe = dict(induction_fraction=0.15, echo_fraction=0.01, probe_len=64, batch=4, low=0, high=256)
   return c

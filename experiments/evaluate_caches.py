@@ -36,10 +36,21 @@ from lcjax.cache import CacheConfig, make_caches  # pylint: disable=wrong-import
 from lcjax.config import parse_config  # pylint: disable=wrong-import-position
 from lcjax.eval import perplexity, plots, retrieval  # pylint: disable=wrong-import-position
 from lcjax.models import llama  # pylint: disable=wrong-import-position
+from lcjax.models.retrieval_heads import find_retrieval_heads  # pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/evaluate_caches.py", "Evaluation configuration.")
 KEYS = ("experiment", "checkpoint_dir", "train_if_missing", "work_dir", "chunk", "examples_per_cell",
-        "perplexity_examples", "decode_steps", "decode_tail", "policies", "only")
+        "perplexity_examples", "decode_steps", "decode_tail", "policies", "only", "retrieval_head_probe")
+
+
+def resolve_retrieval_heads(fixed: dict, params, model_cfg, probe: dict) -> dict:
+  """fixed CacheConfig fields with retrieval_heads="detect" replaced by the heads RazorAttention's
+  echo / induction probe finds in the model (lcjax.models.retrieval_heads; probe: its options)."""
+  if fixed.get("retrieval_heads") != "detect":
+    return fixed
+  heads = find_retrieval_heads(params, model_cfg, jax.random.key(0), **probe)
+  print(f"retrieval heads (per layer, KV heads): {heads}", flush=True)
+  return {**fixed, "retrieval_heads": heads}
 
 
 def load_params(cfg, checkpoint_dir: str, train_if_missing: bool):
@@ -209,9 +220,10 @@ def main(argv):
     raise ValueError(f"config.only names {unknown}, not in config.policies ({sorted(config.policies)})")
   for policy in only:                                 # in the order given
     field, values, fixed = config.policies[policy]
+    fixed = resolve_retrieval_heads(dict(fixed), params, cfg.model, dict(config.retrieval_head_probe))
     for value in values:
       # The swept field may be `policy` itself (the dense reference row).
-      cache_cfg = CacheConfig(**{"policy": policy, "max_chunk": config.chunk, **dict(fixed), field: value})
+      cache_cfg = CacheConfig(**{"policy": policy, "max_chunk": config.chunk, **fixed, field: value})
       t0 = time.perf_counter()
       r = evaluate_one(cfg, params, cache_cfg, config)
       rows.append({"policy": policy, "field": field, "value": value, "cache_config": dataclasses.asdict(cache_cfg),

@@ -11,7 +11,6 @@ fidelity.csv, fidelity.md and fidelity.png under config.work_dir.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import os
 
 from absl import app
@@ -97,23 +96,8 @@ def stdlib_tokens(batch: int, seq_len: int):
 
 def capture_qkv(params, cfg, tokens, layer: int):
   """q, k, v [B, T, H, D] (RoPE applied) that layer `layer` of the Llama decoder attends with."""
-  from lcjax.models import llama, rope  # pylint: disable=import-outside-toplevel
-  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-  if layer == 0:
-    x = jnp.take(params["embed"], tokens, axis=0).astype(cfg.compute_dtype)
-    normed = llama.rms_norm(x, jnp.ones(x.shape[-1], x.dtype), cfg.norm_eps)
-  else:   # the first `layer` layers, with a unit final norm: the normalised input of `layer`
-    head = dataclasses.replace(cfg, n_layers=layer, attention=cfg.layer_attention[:layer])
-    trunk = dict(params, layers=params["layers"][:layer], final_norm=jnp.ones_like(params["final_norm"]))
-    normed, _ = llama.forward_hidden(trunk, tokens, positions, cfg=head)
-  p = params["layers"][layer]
-  h = normed * p["attn_norm"].astype(normed.dtype)
-  q, k, v = (jnp.einsum("btd,dhk->bthk", h, p[w].astype(h.dtype)) for w in ("wq", "wk", "wv"))
-  if cfg.qkv_bias:
-    q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
-  cos, sin = rope.rope_cos_sin(positions, head_dim=cfg.head_dim, theta=cfg.rope_theta, scaling=cfg.rope_scaling,
-                               max_seq_len=cfg.max_seq_len)
-  return rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin), v
+  from lcjax.models.probe import layer_qkv  # pylint: disable=import-outside-toplevel
+  return layer_qkv(params, cfg, tokens, layer)
 
 
 def load_run_config(config_file: str):

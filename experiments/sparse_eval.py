@@ -38,7 +38,8 @@ from lcjax.attention import attend, fidelity, masks, to_layout  # pylint: disabl
 from lcjax.config import parse_config  # pylint: disable=wrong-import-position
 from lcjax.eval import retrieval  # pylint: disable=wrong-import-position
 from lcjax.eval.scoring import make_scorer  # pylint: disable=wrong-import-position
-from lcjax.models import llama, rope  # pylint: disable=wrong-import-position
+from lcjax.models import llama  # pylint: disable=wrong-import-position
+from lcjax.models.probe import layer_qkv  # pylint: disable=wrong-import-position
 from lcjax.models import attention_methods as am  # pylint: disable=wrong-import-position
 from lcjax.sharding import make_mesh  # pylint: disable=wrong-import-position
 
@@ -80,35 +81,9 @@ def restore_params(run_cfg, work_dir: str):
   return state["params"], step
 
 
-@jax.jit
-def _qkv_of_layer(p, h, cos, sin):
-  q, k, v = (jnp.einsum("btd,dhk->bthk", h, p[w].astype(h.dtype)) for w in ("wq", "wk", "wv"))
-  if "bq" in p:
-    q, k, v = q + p["bq"].astype(h.dtype), k + p["bk"].astype(h.dtype), v + p["bv"].astype(h.dtype)
-  return rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin), v
-
-
 def capture_qkv(params, cfg, tokens, layer: int):
-  """q, k, v [B, T, H, D] (RoPE applied) that layer `layer` of the dense model attends with.
-
-  The first `layer` layers run as a model of their own (llama.forward_hidden with a unit final
-  norm gives the residual stream normalised); layer's attn_norm and projections are applied here
-  as in llama._decoder_layer.
-  """
-  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-  dense = dataclasses.replace(cfg, attention="dense")
-  if layer == 0:
-    x = jnp.take(params["embed"], tokens, axis=0).astype(cfg.compute_dtype)
-    normed = llama.rms_norm(x, jnp.ones(x.shape[-1], x.dtype), cfg.norm_eps)
-  else:
-    head = dataclasses.replace(dense, n_layers=layer)
-    trunk = dict(params, layers=params["layers"][:layer], final_norm=jnp.ones_like(params["final_norm"]))
-    normed, _ = llama.forward_hidden(trunk, tokens, positions, cfg=head)
-  p = params["layers"][layer]
-  h = normed * p["attn_norm"].astype(normed.dtype)
-  cos, sin = rope.rope_cos_sin(positions, head_dim=cfg.head_dim, theta=cfg.rope_theta, scaling=cfg.rope_scaling,
-                               max_seq_len=cfg.max_seq_len)
-  return _qkv_of_layer({k: v for k, v in p.items()}, h, cos, sin)
+  """q, k, v [B, T, H, D] (RoPE applied) that layer `layer` of the dense model attends with."""
+  return layer_qkv(params, dataclasses.replace(cfg, attention="dense"), tokens, layer)
 
 
 def check_config(config) -> list[str]:

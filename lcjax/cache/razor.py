@@ -8,8 +8,9 @@ compensation token per head whose key and value are the means of the dropped key
 that the head still sees "the rest" as one entry.
 
 Retrieval heads are given by the config (per layer, KV-head indices); the paper finds them with an
-echo/induction score on a probe of repeated random tokens, which needs the model and is done
-outside the cache. Retrieval heads get the full sequence capacity as budget (no eviction).
+echo/induction score on a probe of repeated random tokens, which needs the model:
+lcjax.models.retrieval_heads.find_retrieval_heads. Retrieval heads get the full sequence capacity
+as budget (no eviction).
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@
   sampling.py           greedy / temperature / top-k / top-p
   generate.py           generate(): chunked prefill + lax.while_loop decode under one jit
   hf_import.py          load_hf_checkpoint: HF safetensors checkpoints -> (params, cfg)
+  probe.py              layer_qkv: the q, k, v one layer attends with
+  retrieval_heads.py    RazorAttention's echo / induction probe -> retrieval heads per layer
 """
 from lcjax.models import rope
 from lcjax.models.attention_methods import attention_fn_for
