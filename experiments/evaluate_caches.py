@@ -23,6 +23,7 @@ import os
 import time
 
 from absl import app
+from absl import flags
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -38,7 +39,6 @@ from lcjax.eval import perplexity, plots, retrieval  # pylint: disable=wrong-imp
 from lcjax.models import llama  # pylint: disable=wrong-import-position
 from lcjax.models.retrieval_heads import find_retrieval_heads  # pylint: disable=wrong-import-position
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/evaluate_caches.py", "Evaluation configuration.")
 KEYS = ("experiment", "checkpoint_dir", "train_if_missing", "work_dir", "chunk", "examples_per_cell",
         "perplexity_examples", "decode_steps", "decode_tail", "policies", "only", "retrieval_head_probe")
 
@@ -202,22 +202,22 @@ def plot_heatmaps(path: str, rows: list[dict]) -> None:
   plt.close(fig)
 
 
-def main(argv):
-  del argv
-  config = _CONFIG.value
+def run(config) -> list[dict]:
+  """Evaluates every (policy, value) of config; writes results.json (as it goes), results.md and
+  heatmaps.png to config.work_dir and returns the rows."""
   unknown = sorted(set(config.keys()) - set(KEYS))
   if unknown:
     raise ValueError(f"config has unknown keys {unknown}; accepted: {KEYS}")
   cfg = parse_config(config.experiment)
   cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, examples_per_cell=config.examples_per_cell,
                                                           perplexity_examples=config.perplexity_examples))
-  params, step = load_params(cfg, config.checkpoint_dir, config.train_if_missing)
-  os.makedirs(config.work_dir, exist_ok=True)
-  rows = []
   only = [p for p in config.only.split(",") if p] if config.only else list(config.policies)
   unknown = sorted(set(only) - set(config.policies))
   if unknown:
     raise ValueError(f"config.only names {unknown}, not in config.policies ({sorted(config.policies)})")
+  params, step = load_params(cfg, config.checkpoint_dir, config.train_if_missing)
+  os.makedirs(config.work_dir, exist_ok=True)
+  rows = []
   for policy in only:                                 # in the order given
     field, values, fixed = config.policies[policy]
     fixed = resolve_retrieval_heads(dict(fixed), params, cfg.model, dict(config.retrieval_head_probe))
@@ -239,7 +239,15 @@ def main(argv):
     f.write(f"checkpoint step {step}, chunk {config.chunk}, device {jax.devices()[0].device_kind}\n\n{table}\n")
   plot_heatmaps(os.path.join(config.work_dir, "heatmaps.png"), rows)
   print(table)
+  return rows
+
+
+def main(argv):
+  del argv
+  run(flags.FLAGS.config)
 
 
 if __name__ == "__main__":
+  # Defined here, not at import, so that tests can import this module beside other experiments.
+  config_flags.DEFINE_config_file("config", "configs/evaluate_caches.py", "Evaluation configuration.")
   app.run(main)
