@@ -12,8 +12,6 @@ against the number of steps, and the data options against the in-repo dataset bu
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import sys
 from typing import Callable, Sequence
 
@@ -21,7 +19,7 @@ from absl import app
 from absl import logging
 from ml_collections import config_flags
 
-from lcjax.config import ConfigError, ExperimentConfig, override_errors, parse_config
+from lcjax.config import ConfigError, ExperimentConfig, load_config_file, override_errors, parse_config
 from lcjax.train import check_config
 
 CONFIG = config_flags.DEFINE_config_file(
@@ -54,17 +52,10 @@ def _config_file_of(argv: Sequence[str]) -> str | None:
 
 
 def _load_config_file(path: str):
-  if not os.path.exists(path) and ":" in path:   # config_flags' "file.py:argument" form
-    path = path.split(":", 1)[0]
-  spec = importlib.util.spec_from_file_location("lcjax_config_file", path)
-  if spec is None or spec.loader is None:
-    fail(f"--config={path!r}: not a Python file; accepted: a configs/*.py file defining get_config()")
-  module = importlib.util.module_from_spec(spec)
   try:
-    spec.loader.exec_module(module)
-  except FileNotFoundError:
-    fail(f"--config={path!r}: no such file; accepted: a configs/*.py file defining get_config()")
-  return module.get_config()
+    return load_config_file(path)
+  except (FileNotFoundError, ValueError) as e:
+    fail(f"--config={path!r}: {e}")
 
 
 def run(main: Callable, default_config: str | None = None) -> None:

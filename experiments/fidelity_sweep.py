@@ -102,12 +102,8 @@ def capture_qkv(params, cfg, tokens, layer: int):
 
 def load_run_config(config_file: str):
   """The parsed ExperimentConfig of a training run's config file (e.g. configs/quickstart.py)."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  from lcjax.config import parse_config  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location("run_config", config_file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return parse_config(module.get_config())
+  from lcjax.config import load_config_file, parse_config  # pylint: disable=import-outside-toplevel
+  return parse_config(load_config_file(config_file))
 
 
 def restore_params(run_cfg, work_dir: str):

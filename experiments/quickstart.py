@@ -8,7 +8,6 @@ tensorboard/, eval/results.json and eval/eval.png. It ends with the accuracy tab
 length x needle depth, against chance). Restarted with the same work dir, it resumes.
 """
 
-import importlib.util
 import os
 import sys
 import time
@@ -16,6 +15,7 @@ import time
 T_START = time.perf_counter()
 
 from experiments import common  # pylint: disable=wrong-import-position
+from lcjax.config import load_config_file  # pylint: disable=wrong-import-position
 from lcjax.eval import format_results  # pylint: disable=wrong-import-position
 from lcjax.train import train  # pylint: disable=wrong-import-position
 
@@ -23,10 +23,7 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 
 
 def embedded_config():
-  spec = importlib.util.spec_from_file_location("quickstart_config", DEFAULT_CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return load_config_file(DEFAULT_CONFIG)
 
 
 def main(argv):

@@ -35,7 +35,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 from lcjax import data as lcdata  # pylint: disable=wrong-import-position
 from lcjax import train  # pylint: disable=wrong-import-position
 from lcjax.attention import attend, fidelity, masks, to_layout  # pylint: disable=wrong-import-position
-from lcjax.config import parse_config  # pylint: disable=wrong-import-position
+from lcjax.config import load_config_file, parse_config  # pylint: disable=wrong-import-position
 from lcjax.eval import retrieval  # pylint: disable=wrong-import-position
 from lcjax.eval.scoring import make_scorer  # pylint: disable=wrong-import-position
 from lcjax.models import llama  # pylint: disable=wrong-import-position
@@ -59,11 +59,7 @@ def load_run_config(config_file: str, checkpoint_dir: str):
                        "file, or a checkpoint_dir written by lcjax.train (with config.json)")
     with open(path, encoding="utf-8") as f:
       return parse_config(json.load(f))
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location("run_config", config_file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return parse_config(module.get_config())
+  return parse_config(load_config_file(config_file))
 
 
 def restore_params(run_cfg, work_dir: str):

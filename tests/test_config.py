@@ -1,6 +1,5 @@
 """Config parsing: typed sections, and start-up errors that name the key's full path."""
 import glob
-import importlib.util
 import os
 import subprocess
 import sys
@@ -8,7 +7,7 @@ import sys
 import ml_collections
 import pytest
 
-from lcjax.config import ConfigError, ExperimentConfig, override_errors, parse_config
+from lcjax.config import ConfigError, ExperimentConfig, load_config_file, override_errors, parse_config
 from lcjax.config.sections import DataConfig, MeshConfig, OptimizerConfig
 from lcjax.models import ModelConfig
 from lcjax.models.rope import YarnScaling
@@ -123,13 +122,6 @@ def test_unknown_section_and_missing_model():
   del cd["model"]["dim"]
   with pytest.raises(ConfigError, match=r"config\.model\.dim: required"):
     parse_config(cd)
-
-
-def load_config_file(path):
-  spec = importlib.util.spec_from_file_location("cfg_module", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def experiment_config_files():

@@ -1,6 +1,5 @@
 """experiments/fidelity_sweep: q/k/v capture from the model, and a tiny end-to-end sweep."""
 import csv
-import importlib.util
 import pathlib
 
 import jax
@@ -8,16 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import fidelity_sweep
+from lcjax.config import load_config_file
 from lcjax.models import ModelConfig, attention_methods, forward, init
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config():
-  spec = importlib.util.spec_from_file_location("fidelity_config", ROOT / "configs" / "fidelity_sweep.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return load_config_file(str(ROOT / "configs" / "fidelity_sweep.py"))
 
 
 def test_capture_matches_what_the_model_attends_with(monkeypatch):

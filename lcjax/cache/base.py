@@ -46,6 +46,10 @@ class KVCache(Protocol):
   # of logical axis names in place of each array; cache_logical_axes() falls back to the default.
 
 
+# Logical axes of a cache's key/value slots [B, C, Hkv, D] (lcjax.sharding's rules table names them).
+KV_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
+
+
 def default_logical_axes(cache):
   """The cache's pytree with ("batch", None, ...) in place of each array (() for a scalar): batch
   split over the data axes, everything else replicated. Works on ShapeDtypeStruct leaves too."""

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from lcjax.attention import attend, masks
-from lcjax.cache.base import tree_bytes
+from lcjax.cache.base import KV_AXES, tree_bytes
 
 
 def write_rows(buffer, new, start):
@@ -75,5 +75,4 @@ class DenseKVCache:
 
   def logical_axes(self) -> "DenseKVCache":
     """This cache's structure with logical axis names in place of its arrays (lcjax.sharding)."""
-    kv = ("batch", "cache_seq", "kv_heads", "head_dim")
-    return dataclasses.replace(self, k=kv, v=kv, lengths=("batch",))
+    return dataclasses.replace(self, k=KV_AXES, v=KV_AXES, lengths=("batch",))

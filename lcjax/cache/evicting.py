@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcjax.cache.base import KV_AXES
 from lcjax.cache.slots import attend_slots, resolve_num_new, slot_probs, slot_visibility, group_mean
 
 
@@ -162,8 +163,8 @@ class EvictingKVCache:
 
   def logical_axes(self) -> "EvictingKVCache":
     """This cache's structure with logical axis names in place of its arrays (lcjax.sharding)."""
-    kv, slot = ("batch", "cache_seq", "kv_heads", "head_dim"), ("batch", "cache_seq", "kv_heads")
-    return dataclasses.replace(self, k=kv, v=kv, pos=slot, score=slot, lengths=("batch",))
+    slot = KV_AXES[:3]
+    return dataclasses.replace(self, k=KV_AXES, v=KV_AXES, pos=slot, score=slot, lengths=("batch",))
 
   def allocated_bytes(self) -> int:
     return int(sum(x.nbytes for x in (self.k, self.v, self.pos, self.score, self.lengths)))

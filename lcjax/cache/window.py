@@ -23,7 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lcjax.cache.base import tree_bytes
+from lcjax.cache.base import KV_AXES, tree_bytes
 from lcjax.cache.slots import attend_slots, resolve_num_new, slot_visibility
 
 
@@ -83,5 +83,4 @@ class SinkWindowKVCache:
 
   def logical_axes(self) -> "SinkWindowKVCache":
     """This cache's structure with logical axis names in place of its arrays (lcjax.sharding)."""
-    kv = ("batch", "cache_seq", "kv_heads", "head_dim")
-    return dataclasses.replace(self, k=kv, v=kv, pos=("batch", "cache_seq"), lengths=("batch",))
+    return dataclasses.replace(self, k=KV_AXES, v=KV_AXES, pos=("batch", "cache_seq"), lengths=("batch",))

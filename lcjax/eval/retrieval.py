@@ -21,20 +21,17 @@ import numpy as np
 from lcjax import data as lcdata
 from lcjax.config.sections import EVAL_TASK_OPTIONS
 
-# Builder options that describe the examples (the rest, lengths/depths/counts, are the eval's).
-EXAMPLE_OPTIONS = EVAL_TASK_OPTIONS
-
 
 def example_options(task: str, cfg) -> dict:
   """The training data's example options (e.g. passkey digits), overridden by eval.task_options."""
   options = {}
   if cfg.data.task == task:
-    options = {k: v for k, v in cfg.data.options.items() if k in EXAMPLE_OPTIONS[task]}
+    options = {k: v for k, v in cfg.data.options.items() if k in EVAL_TASK_OPTIONS[task]}
   extra = dict(cfg.eval.task_options.get(task, {}))
-  unknown = sorted(set(extra) - set(EXAMPLE_OPTIONS[task]))
+  unknown = sorted(set(extra) - set(EVAL_TASK_OPTIONS[task]))
   if unknown:
     raise ValueError(f"config.eval.task_options.{task} has unknown keys {unknown}; "
-                     f"accepted: {EXAMPLE_OPTIONS[task]}")
+                     f"accepted: {EVAL_TASK_OPTIONS[task]}")
   options.update(extra)
   return options
 
@@ -67,8 +64,8 @@ def evaluate_retrieval(task: str, cfg, params, score: Callable, answer: Callable
   Returns {"task", "method", "chance", "accuracy", "lengths", "depths", "cells": [{"length",
   "depth", "n", "accuracy", "query_accuracy"}]} (depth None for MQAR).
   """
-  if task not in EXAMPLE_OPTIONS:
-    raise ValueError(f"task={task!r}; accepted: {tuple(EXAMPLE_OPTIONS)}")
+  if task not in EVAL_TASK_OPTIONS:
+    raise ValueError(f"task={task!r}; accepted: {tuple(EVAL_TASK_OPTIONS)}")
   greedy = task == "passkey" and cfg.eval.method == "greedy"
   if greedy and answer is None:
     raise ValueError("config.eval.method='greedy' needs a greedy answerer (lcjax.models.generate)")

@@ -91,5 +91,4 @@ def jit_train_step(step_fn: Callable, state_shardings: Any, batch_sharding: Any,
     with jax.set_mesh(mesh):
       return jitted(state, batch)
 
-  step.jitted = jitted
   return step
