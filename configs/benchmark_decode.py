@@ -9,10 +9,12 @@ CONFIG = dict(
     # (block_k, num_splits, num_warps, num_stages) tried for the dense kernel; best one reported.
     dense_sweep=((64, 8, 4, 4), (128, 16, 4, 3), (64, 16, 4, 3)),
     # (block_k, num_splits, num_warps, num_stages, int8_mma) for the int8 / int4 kernels.
-    quant_sweep=((128, 16, 4, 3, True), (64, 16, 4, 3, True), (128, 32, 4, 3, True),
-                 (128, 16, 4, 3, False), (64, 16, 4, 3, False)),
-    key_group=128, value_groups=(64, 128),   # int4 takes only groups <= D/2
-    sparse_fractions=(0.125, 0.25), sparse_block=128, sparse_splits=(4, 8),
+    quant_sweep=((128, 16, 4, 3, True), (128, 16, 2, 3, True), (64, 16, 4, 3, True),
+                 (128, 16, 4, 3, False), (128, 16, 2, 3, False)),
+    key_group=128, value_groups=(128, 64),   # int4 takes only groups <= D/2
+    sparse_fractions=(0.125, 0.25), sparse_block=128,
+    # (block_k, num_splits, num_warps, num_stages) for the block-sparse kernel; best one reported.
+    sparse_sweep=((64, 2, 4, 4), (128, 2, 4, 3), (128, 2, 4, 4), (64, 4, 4, 4), (128, 4, 4, 3)),
     iters=30, repeats=5,
     baselines=("cudnn", "xla", "jax_pallas"),
     mode="benchmark",            # or "profile": one call of each kernel, for ncu

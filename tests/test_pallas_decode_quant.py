@@ -30,7 +30,7 @@ def test_quantizer_round_trip_error_is_within_half_a_step(bits):
   assert kv.bits == bits and kv.key_group == 16 and kv.value_group == 16
   kd, vd = dq.dequantize_kv(kv)
   k_step = jnp.repeat(kv.k_scale, 16, 1)
-  v_step = jnp.repeat(kv.v_scale, 16, -1)
+  v_step = jnp.repeat(jnp.transpose(kv.v_scale, (0, 3, 1, 2)), 16, -1)   # channel-major stored
   assert np.all(np.abs(np.asarray(kd - k)) <= np.asarray(k_step) * 0.5 + 1e-5)
   assert np.all(np.abs(np.asarray(vd - v)) <= np.asarray(v_step) * 0.5 + 1e-5)
   assert float(jnp.max(jnp.abs(kd - k))) > 0          # it really quantised

@@ -3,21 +3,30 @@
 KIVI (Liu et al., 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache")
 quantises keys per channel (outliers live in a few channels) and values per token. Here:
 
-  keys:   codes [B, C, Hkv, D * bits / 8] int8; scale, zero [B, C / key_group, Hkv, D]
-          (one (scale, zero) per channel per group of key_group consecutive tokens)
-  values: codes [B, C, Hkv, D * bits / 8] int8; scale, zero [B, C, Hkv, D / value_group]
-          (one (scale, zero) per token per group of value_group consecutive channels)
+  keys:   codes [B, C, Hkv, D * bits / 8] int8      (token-major rows, as the dense cache)
+          scale, zero [B, C / key_group, Hkv, D]    (per channel per group of key_group tokens)
+  values: codes [B, Hkv, D * bits / 8, C] int8      (channel-major: tokens contiguous)
+          scale, zero [B, Hkv, D / value_group, C]  (per token per group of value_group channels)
   x ~= code * scale + zero   (asymmetric min/max; zero is the group's mid-range, the value of code 0)
 
-int4 codes are packed two per byte, split-half: byte j of a row holds channel j in its low
-nibble and channel j + D/2 in its high nibble, so the kernel unpacks with a mask and a shift
-and never interleaves. The decode kernel reads codes and scales once, dequantises in registers
-and runs the same split-KV online softmax as pallas_kernels.gpu.decode.
+Values are stored channel-major because the value product p @ v reduces over tokens: with the
+tokens contiguous, int8 value codes are already in the layout the int8 tensor cores take for
+that operand (the reduction dimension innermost), so no tile is transposed in the kernel.
+
+int4 codes are packed two per byte, split-half: byte j holds channel j in its low nibble and
+channel j + D/2 in its high nibble, so the kernel unpacks with a mask and a shift and never
+interleaves.
+
+The kernel runs the split-KV online softmax of pallas_kernels.gpu.decode. The key scales are
+folded into the queries outside the kernel, once per key group (`query_operands`: q * scale,
+quantised to int8 per row on the int8 path), so the key codes go to the tensor cores as stored
+and the kernel does no per-group work; the value scales are folded into the probabilities.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -26,9 +35,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gpu.decode import (default_num_splits, finish, merge_splits, online_softmax_step,
-                                       pack_queries, pick_block_k, query_positions, split_range,
-                                       unpack_rows, validate_decode_args)
+from pallas_kernels.gpu.decode import (default_num_splits, finish, merge_splits, pack_queries,
+                                       pick_block_k, query_positions, split_range, unpack_rows,
+                                       validate_decode_args)
+
+DOT_MODES = ("float32", "float16", "int8")
 
 
 class QuantizedKV(NamedTuple):
@@ -45,6 +56,10 @@ class QuantizedKV(NamedTuple):
     return self.k_scale.shape[-1]
 
   @property
+  def capacity(self) -> int:
+    return self.k_codes.shape[1]
+
+  @property
   def bits(self) -> int:
     return 8 if self.k_codes.shape[-1] == self.head_dim else 4
 
@@ -54,7 +69,7 @@ class QuantizedKV(NamedTuple):
 
   @property
   def value_group(self) -> int:
-    return self.head_dim // self.v_scale.shape[-1]
+    return self.head_dim // self.v_scale.shape[2]
 
 
 def _check_bits(bits):
@@ -92,7 +107,7 @@ def unpack_int4(packed):
 
 
 def quantize_keys(k, *, bits: int, group_size: int, scale_dtype=jnp.float16):
-  """k [B, C, H, D] -> (codes, scale, zero), per channel over groups of group_size tokens."""
+  """k [B, C, H, D] -> codes [B, C, H, D*bits/8]; scale, zero [B, C/group_size, H, D]."""
   _check_bits(bits)
   b, c, h, d = k.shape
   if c % group_size:
@@ -104,7 +119,7 @@ def quantize_keys(k, *, bits: int, group_size: int, scale_dtype=jnp.float16):
 
 
 def quantize_values(v, *, bits: int, group_size: int, scale_dtype=jnp.float16):
-  """v [B, C, H, D] -> (codes, scale, zero), per token over groups of group_size channels."""
+  """v [B, C, H, D] -> channel-major codes [B, H, D*bits/8, C]; scale, zero [B, H, D/group_size, C]."""
   _check_bits(bits)
   b, c, h, d = v.shape
   if d % group_size or (bits == 4 and (d // 2) % group_size):
@@ -112,7 +127,9 @@ def quantize_values(v, *, bits: int, group_size: int, scale_dtype=jnp.float16):
   codes, scale, zero = _quantize_groups(v.reshape(b, c, h, d // group_size, group_size), 4, bits,
                                         scale_dtype)
   codes = codes.reshape(b, c, h, d)
-  return (pack_int4(codes) if bits == 4 else codes), scale[..., 0], zero[..., 0]
+  codes = pack_int4(codes) if bits == 4 else codes
+  channel_major = lambda x: jnp.transpose(x, (0, 2, 3, 1))          # [B, C, H, n] -> [B, H, n, C]
+  return channel_major(codes), channel_major(scale[..., 0]), channel_major(zero[..., 0])
 
 
 def quantize_kv(k, v, *, bits: int, key_group: int = 128, value_group: int = 64,
@@ -126,131 +143,201 @@ def dequantize_kv(kv: QuantizedKV, dtype=jnp.float32):
   """The reference: (k, v) [B, C, H, D] as the kernel sees them."""
   unpack = (lambda c: c) if kv.bits == 8 else unpack_int4
   f32 = lambda x: x.astype(jnp.float32)
+  token_major = lambda x: jnp.transpose(x, (0, 3, 1, 2))            # [B, H, n, C] -> [B, C, H, n]
   k = f32(unpack(kv.k_codes)) * jnp.repeat(f32(kv.k_scale), kv.key_group, 1) + jnp.repeat(
       f32(kv.k_zero), kv.key_group, 1)
-  v = f32(unpack(kv.v_codes)) * jnp.repeat(f32(kv.v_scale), kv.value_group, -1) + jnp.repeat(
-      f32(kv.v_zero), kv.value_group, -1)
+  v = f32(unpack(token_major(kv.v_codes))) * jnp.repeat(f32(token_major(kv.v_scale)), kv.value_group, -1) \
+      + jnp.repeat(f32(token_major(kv.v_zero)), kv.value_group, -1)
   return k.astype(dtype), v.astype(dtype)
 
 
 # fp16 with exponent bits 0x6400 is 1024.0; OR-ing an integer u < 1024 into its mantissa gives
-# exactly 1024 + u. This turns codes into fp16 with integer ops only (the int->float conversion
-# unit is slow); the constant is folded into a per-row correction.
-_MAGIC_BITS = 0x6400
-_MAGIC = 1024.0
+# exactly 1024 + u: int8 codes become fp16 with integer ops only (no conversion instruction).
+# The offset 1024 + 128 is subtracted after the dot; int4 codes are converted instead, because
+# with values of only +-8 that subtraction would cancel ~250x and expose the tensor cores'
+# truncated accumulation (measured: 4-7 % error on the H200, against 0.3 % for int8).
+_FP16_MAGIC_BITS = 0x6400
+_FP16_MAGIC = 1024.0
 
 
-def _unsigned_codes(raw, bits: int, part: int):
-  """int8 raw bytes -> uint8 code + 2^(b-1) in [0, 2^b) of one nibble half (or the byte)."""
-  u = lax.bitcast_convert_type(raw, jnp.uint8)
-  if bits == 8:
-    return u ^ 0x80
-  return ((u & 15) if part == 0 else (u >> 4)) ^ 8
+def _fp16_code_offset(bits: int) -> float:
+  """What the float16 operand of a code adds to it (see _code_operand)."""
+  return _FP16_MAGIC + 128 if bits == 8 else 0.0
 
 
-def _signed_codes(raw, bits: int, part: int):
-  return raw if bits == 8 else _signed_nibble(raw, part)
+# The same for float32 and int32 (|x| < 2^22): bits(2^23 + 2^22 + x) = 0x4B400000 + x. Adding the
+# float constant rounds to the nearest integer (float -> int) and adding the integer constant makes
+# the float (int -> float); the int8 path converts every score and output tile this way, since the
+# conversion instructions run at a quarter of the rate of adds.
+_F32_MAGIC_BITS = 0x4B400000
+_F32_MAGIC = 12582912.0
+_LOG2E = math.log2(math.e)
 
 
-def _quantize_rows(x):
-  """float32 [rows, n] -> (int8 codes, float32 [rows] scale): symmetric, per row."""
-  amax = jnp.max(jnp.abs(x), axis=1)
-  sc = jnp.where(amax > 0, amax / 127.0, 1.0)
-  return jnp.floor(x / sc[:, None] + 0.5).astype(jnp.int8), sc
+def _int32_to_f32(x):
+  """int32 |x| < 2^22 -> float32 x + _F32_MAGIC exactly (the caller subtracts the constant)."""
+  return lax.bitcast_convert_type(x + _F32_MAGIC_BITS, jnp.float32)
 
 
-def _unpack_scale_zero(w):
-  """uint32 words holding (float16 scale | float16 zero << 16) -> float32 (scale, zero)."""
-  as_f32 = lambda h: lax.bitcast_convert_type(h.astype(jnp.uint16), jnp.float16).astype(jnp.float32)
-  return as_f32(w & 0xFFFF), as_f32(w >> 16)
+def _round_to_int8(x):
+  """float32 x in [0, 127] -> int8 round(x), without a conversion instruction."""
+  return lax.bitcast_convert_type(x + _F32_MAGIC, jnp.int32).astype(jnp.int8)
 
 
-def pack_scale_zero(scale, zero):
-  """float16 scale, zero (same shape) -> uint32 words; one 4-byte load per token in the kernel
-  (2-byte strided loads are not pipelined by the compiler)."""
-  bits = lambda x: lax.bitcast_convert_type(x.astype(jnp.float16), jnp.uint16).astype(jnp.uint32)
-  return bits(scale) | (bits(zero) << 16)
+# int4 on the int8 tensor cores: a byte holding nibbles (hi, lo) is, as int8, 16 * hi + lo, so
+# byte & 0xF0 is exactly 16 * hi and (byte << 4) is exactly 16 * lo (signed, in [-128, 112]); the
+# factor 16 goes into the scales. On four bytes at once this is one or two 32-bit instructions.
+_INT4_X16_PTX = ("{ .reg .b32 t; shl.b32 t, $1, 4; and.b32 $0, t, 0xF0F0F0F0; }",   # low nibbles
+                 "and.b32 $0, $1, 0xF0F0F0F0;")                                      # high nibbles
 
 
-def _quant_decode_kernel(len_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vsz_ref, o_ref, lse_ref,
-                         *, scale, block_k, num_splits, group, q_len, bits, key_group, value_group,
-                         int8_mma):
+def _int4_times16(raw, part: int, interpret: bool):
+  """int8 packed nibbles -> int8 16 * (signed nibble of `part`), four bytes per instruction."""
+  if interpret:   # the same bits, one byte at a time (inline PTX has no interpreter)
+    return (raw << 4) & -16 if part == 0 else raw & -16
+  [out] = plgpu.elementwise_inline_asm(_INT4_X16_PTX[part], args=[raw], constraints="=r,r", pack=4,
+                                       result_shape_dtypes=[jax.ShapeDtypeStruct(raw.shape, jnp.int8)])
+  return out
+
+
+def _code_operand(raw, bits: int, part: int, mode: str, interpret: bool):
+  """int8 raw key / value bytes -> the tensor-core operand of one nibble half (or the byte).
+
+  int8 mode with int4 codes gives 16 * code (the callers divide by 16)."""
+  if mode == "float32":
+    return (raw if bits == 8 else _signed_nibble(raw, part)).astype(jnp.float32)
+  if mode == "int8":
+    return raw if bits == 8 else _int4_times16(raw, part, interpret)
+  if bits == 4:
+    return _signed_nibble(raw, part).astype(jnp.float16)
+  # float16 int8: code + 128 is in [0, 256); OR it into the magic number's mantissa.
+  u = lax.bitcast_convert_type(raw, jnp.uint8) ^ 0x80
+  return lax.bitcast_convert_type(u.astype(jnp.uint16) | _FP16_MAGIC_BITS, jnp.float16)
+
+
+def query_operands(qp, kv: QuantizedKV, n: int, scale: float, mode: str):
+  """Folds the key scales and zeros into the packed queries, once per key group.
+
+  q . k = (q * ks) . code + q . kz per key group, so
+    logit * log2(e) = dot(operand, codes) * row_scale + row_bias  (base-2 logits).
+  Args:
+    qp: [B, Hkv, rows, D] packed queries (pack_queries), n real rows; kv: the cache.
+  Returns:
+    operand [B, Hkv, G*n + rows - n, D] (int8, float16 or float32 by mode), row_scale, row_bias
+    float32 [B, Hkv, G*n + rows - n]: group g's rows are g*n .. g*n + n - 1, and the rows - n rows
+    at the end pad the last group's tile (the kernel reads `rows` rows from g*n; the rows past n
+    belong to later groups and only feed padding rows).
+  """
+  rows = qp.shape[2]
+  q = qp[:, :, :n].astype(jnp.float32)                                   # [B, Hkv, n, D]
+  ks = jnp.moveaxis(kv.k_scale.astype(jnp.float32), 2, 1)[:, :, :, None]  # [B, Hkv, G, 1, D]
+  kz = jnp.moveaxis(kv.k_zero.astype(jnp.float32), 2, 1)
+  qk = q[:, :, None] * ks                                                 # [B, Hkv, G, n, D]
+  bias = jnp.einsum("bhnd,bhgd->bhgn", q, kz, precision=lax.Precision.HIGHEST)
+  row_scale = jnp.ones(bias.shape, jnp.float32)
+  if mode == "int8":
+    amax = jnp.max(jnp.abs(qk), axis=-1)
+    row_scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    operand = jnp.round(qk / row_scale[..., None]).astype(jnp.int8)
+  elif mode == "float16":
+    operand = qk.astype(jnp.float16)
+    bias = bias - _fp16_code_offset(kv.bits) * jnp.sum(operand.astype(jnp.float32), -1)
+  else:
+    operand = qk
+  c = scale * _LOG2E
+  if mode == "int8" and kv.bits == 4:
+    row_scale = row_scale / 16.0            # the kernel's int4 operands are 16 * code
+  flat = lambda x, pad: jnp.pad(x.reshape(*x.shape[:2], -1, *x.shape[4:]),
+                                ((0, 0), (0, 0), (0, rows - n)) + pad)
+  return flat(operand, ((0, 0),)), flat(row_scale * c, ()), flat(bias * c, ())
+
+
+def _quant_decode_kernel(len_ref, q_ref, qs_ref, qb_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_ref,
+                         lse_ref, *, block_k, num_splits, n, group, q_len, bits, key_group,
+                         value_group, mode, interpret):
   b, split = pl.program_id(0), pl.program_id(2)
-  rows, head_dim = q_ref.shape
-  exact = q_ref.dtype == jnp.float32      # float32 queries: exact float32 maths throughout
+  rows, head_dim = o_ref.shape
   parts = 8 // bits                       # nibbles per byte
   width = head_dim // parts               # channels per part = bytes per row
-  half = 1 << (bits - 1)
   length = len_ref[b]
   qpos = query_positions(length, rows, group, q_len)
-  q_parts = [q_ref[:, pl.ds(p * width, width)].astype(jnp.float32) for p in range(parts)]
-  num_tiles = kc_ref.shape[0] // block_k
-  lo, hi = split_range(jnp.minimum((length + block_k - 1) // block_k, num_tiles), num_splits, split)
+  total = jnp.minimum((length + block_k - 1) // block_k, kc_ref.shape[0] // block_k)
+  lo, hi = split_range(total, num_splits, split)
+  # Tiles wholly at or before the first new query's position are seen by every query: no mask.
+  unmasked_end = jnp.clip((length - q_len + 1) // block_k, lo, hi)
   f32 = lambda x: x.astype(jnp.float32)
 
-  def body(i, carry):
+  def body(masked, i, carry):
+    acc, m, l = carry
     start = pl.multiple_of(i * block_k, block_k)
-    g = start // key_group
-    raw_k = kc_ref[pl.ds(start, block_k), :]                        # [bk, width] int8
-    # k = c * ks + kz per channel: q.k = (q * ks) . c + q . kz, so the tile is never rescaled.
-    qk = [q_parts[p] * f32(ks_ref[g, pl.ds(p * width, width)])[None, :] for p in range(parts)]
-    bias = sum(jnp.sum(q_parts[p] * f32(kz_ref[g, pl.ds(p * width, width)])[None, :], axis=1)
-               for p in range(parts))
-    if exact:
-      s = sum(plgpu.dot(qk[p], f32(_signed_codes(raw_k, bits, p)), trans_b=True) for p in range(parts))
-    elif int8_mma:
-      # int8 tensor cores: q * ks quantised per row (as SageAttention does for Q K^T), the signed
-      # codes taken as they are stored.
-      amax = jnp.max(jnp.abs(qk[0]), axis=1)
-      for x in qk[1:]:
-        amax = jnp.maximum(amax, jnp.max(jnp.abs(x), axis=1))
-      sq = jnp.where(amax > 0, amax / 127.0, 1.0)
-      s = None
-      for p in range(parts):
-        qi = jnp.floor(qk[p] / sq[:, None] + 0.5).astype(jnp.int8)
-        sp = plgpu.dot(qi, _signed_codes(raw_k, bits, p), trans_b=True)
-        s = sp if s is None else s + sp
-      s = f32(s) * sq[:, None]
+    r0 = (start // key_group) * n                          # this key group's query rows
+    raw_k = kc_ref[pl.ds(start, block_k), :]               # [bk, width] int8
+    s = None
+    for p in range(parts):
+      sp = plgpu.dot(q_ref[pl.ds(r0, rows), pl.ds(p * width, width)],
+                     _code_operand(raw_k, bits, p, mode, interpret), trans_b=True)
+      s = sp if s is None else s + sp
+    row_scale, row_bias = qs_ref[pl.ds(r0, rows)], qb_ref[pl.ds(r0, rows)]
+    if mode == "int8":
+      row_bias = row_bias - _F32_MAGIC * row_scale
+      s = _int32_to_f32(s)
+    s = s * row_scale[:, None] + row_bias[:, None]         # base-2 logits [rows, bk]
+    if masked:
+      kpos = start + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
+      s = jnp.where(kpos <= qpos[:, None], s, -jnp.inf)
+    tile_max = s.max(axis=-1)
+    m_new = jnp.maximum(m, tile_max)
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)     # rows that saw nothing yet
+    alpha = jnp.exp2(m - m_safe)
+    if mode == "int8":
+      # p = exp2(s - tile_max) * exp2(tile_max - m): the first factor has a row maximum of 1, so
+      # quantising it with a fixed scale gives every row the full int8 range (a per-row scale
+      # without a reduction); the second, per-row factor is applied to the tile's sums.
+      t_safe = jnp.where(tile_max == -jnp.inf, 0.0, tile_max) if masked else tile_max
+      pr = jnp.exp2(s - t_safe[:, None])                   # 0 where masked
+      row_factor = jnp.exp2(t_safe - m_safe)
+      if masked:
+        row_factor = jnp.where(tile_max == -jnp.inf, 0.0, row_factor)
+      l = alpha * l + pr.sum(axis=-1) * row_factor
     else:
-      s = None
+      pr = jnp.exp2(s - m_safe[:, None])                   # <= 1; 0 where masked
+      l = alpha * l + pr.sum(axis=-1)
+
+    # v = code * vs + vz per token (per channel group): p @ v = (p * vs) @ code + p . vz.
+    outs = list(acc)
+    for gi in range(width // value_group):                 # byte groups
+      raw_v = vc_ref[pl.ds(gi * value_group, value_group), pl.ds(start, block_k)]   # [vg, bk]
       for p in range(parts):
-        qh = qk[p].astype(jnp.float16)
-        codes = lax.bitcast_convert_type(_unsigned_codes(raw_k, bits, p).astype(jnp.uint16) | _MAGIC_BITS,
-                                         jnp.float16)                # exactly 1024 + half + c
-        sp = plgpu.dot(qh, codes, trans_b=True) - (_MAGIC + half) * jnp.sum(f32(qh), axis=1)[:, None]
-        s = sp if s is None else s + sp
-    s = (s + bias[:, None]) * scale
-    kpos = start + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
-    mask = kpos <= qpos[:, None]
-
-    def v_dot(pr):
-      # v = c * vs + vz per token (per channel group): p @ v = (p * vs) @ c + p . vz.
-      outs = [None] * (head_dim // value_group)
-      for gi in range(width // value_group):                      # byte groups
-        raw_v = vc_ref[pl.ds(start, block_k), pl.ds(gi * value_group, value_group)]
-        for p in range(parts):
-          col = p * (width // value_group) + gi                     # channel group index
-          vs, vz = _unpack_scale_zero(vsz_ref[pl.ds(start, block_k), col])
-          ps = pr * vs[None, :]
-          corr = jnp.sum(pr * vz[None, :], axis=1)
-          if exact:
-            o = plgpu.dot(ps, f32(_signed_codes(raw_v, bits, p)))
-          elif int8_mma:
-            pi, sp = _quantize_rows(ps)
-            o = f32(plgpu.dot(pi, _signed_codes(raw_v, bits, p))) * sp[:, None]
-          else:
-            ph = ps.astype(jnp.float16)
-            codes = lax.bitcast_convert_type(
-                _unsigned_codes(raw_v, bits, p).astype(jnp.uint16) | _MAGIC_BITS, jnp.float16)
-            o = plgpu.dot(ph, codes) - (_MAGIC + half) * jnp.sum(f32(ph), axis=1)[:, None]
-          outs[col] = o + corr[:, None]
-      return tuple(outs)
-
-    return online_softmax_step(carry, s, mask, v_dot)
+        col = p * (width // value_group) + gi              # channel group index
+        vs = f32(vs_ref[col, pl.ds(start, block_k)])
+        vz = f32(vz_ref[col, pl.ds(start, block_k)])
+        if masked:      # slots past the length may hold anything; keep them out of vmax and p . vz
+          written = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0) < length
+          vs, vz = jnp.where(written, vs, 0.0), jnp.where(written, vz, 0.0)
+        codes = _code_operand(raw_v, bits, p, mode, interpret)
+        corr = jnp.sum(pr * vz[None, :], axis=1)
+        if mode == "int8":
+          # pr * vs / max(vs) <= 1: one int8 scale for the tile, no per-row reduction.
+          vmax = jnp.maximum(jnp.max(vs), 1e-30)
+          pi = _round_to_int8(pr * (vs * (127.0 / vmax))[None, :])
+          unit = vmax / (127.0 if bits == 8 else 127.0 * 16)    # int4 operands are 16 * code
+          o_scale = unit * row_factor
+          o_bias = (corr - _F32_MAGIC * unit) * row_factor
+          o = _int32_to_f32(plgpu.dot(pi, codes, trans_b=True)) * o_scale[:, None] + o_bias[:, None]
+        elif mode == "float16":
+          ph = (pr * vs[None, :]).astype(jnp.float16)
+          o = plgpu.dot(ph, codes, trans_b=True) + (
+              corr - _fp16_code_offset(bits) * jnp.sum(f32(ph), axis=1))[:, None]
+        else:
+          o = plgpu.dot(pr * vs[None, :], codes, trans_b=True) + corr[:, None]
+        outs[col] = alpha[:, None] * outs[col] + o
+    return tuple(outs), m_new, l
 
   acc = tuple(jnp.zeros((rows, value_group), jnp.float32) for _ in range(head_dim // value_group))
   carry = (acc, jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32))
-  finish(o_ref, lse_ref, lax.fori_loop(lo, hi, body, carry))
+  carry = lax.fori_loop(lo, unmasked_end, functools.partial(body, False), carry)
+  acc, m, l = lax.fori_loop(unmasked_end, hi, functools.partial(body, True), carry)
+  finish(o_ref, lse_ref, (acc, m * math.log(2.0), l))     # base-2 max -> natural log-sum-exp
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -263,39 +350,47 @@ def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | No
   """Decode attention of q [B, T, Hq, D] (bf16/f16/f32) over a QuantizedKV cache.
 
   Same contract as pallas_kernels.gpu.decode.decode_attention; block_k must divide the key
-  group (default min(128, key_group)). Scales and zeros are used as float16. Scales are folded into the query / probability side, so
-  the codes go to the tensor cores unscaled (float16 for bf16/fp16 queries, float32 otherwise).
-  int8_mma: for 16-bit queries, run both dots on the int8 tensor cores (q * k_scale and
-    p * v_scale quantised to int8 per row, SageAttention-style); otherwise the codes become
-    float16 exactly and the dots run in float16. float32 queries always take exact float32 dots.
+  group (default min(128, key_group)) and be at most 256. Scales and zeros are used as float16.
+  Dots: float32 queries take exact float32 dots. 16-bit queries take float16 dots of the codes
+  (made exact in float16), or with int8_mma int8 tensor-core dots: q * k_scale quantised to
+  int8 per row and key group (SageAttention-style), p * v_scale with one scale per tile.
   """
   batch, q_len, q_heads, head_dim = q.shape
-  capacity, kv_heads = kv.k_codes.shape[1], kv.k_codes.shape[2]
-  if kv.k_scale.shape[-1] != head_dim or kv.k_codes.shape != kv.v_codes.shape:
+  capacity, kv_heads = kv.capacity, kv.k_codes.shape[2]
+  value_bytes = (kv.k_codes.shape[0], kv_heads, kv.k_codes.shape[3], capacity)
+  if kv.k_scale.shape[-1] != head_dim or kv.v_codes.shape != value_bytes:
     raise ValueError(f"QuantizedKV shapes k_codes{kv.k_codes.shape}, k_scale{kv.k_scale.shape}, "
-                     f"v_codes{kv.v_codes.shape} do not fit head_dim {head_dim}")
+                     f"v_codes{kv.v_codes.shape} do not fit head_dim {head_dim} (v_codes must be "
+                     f"{value_bytes}, channel-major)")
   validate_decode_args(q, jax.ShapeDtypeStruct((batch, capacity, kv_heads, head_dim), q.dtype),
                        jax.ShapeDtypeStruct((batch, capacity, kv_heads, head_dim), q.dtype), lengths)
   bits, key_group, value_group = kv.bits, kv.key_group, kv.value_group
   if value_group < 16 or (head_dim // (8 // bits)) % value_group:
     raise ValueError(f"value_group={value_group} must be >= 16 and divide {head_dim // (8 // bits)}")
+  mode = "float32" if q.dtype == jnp.float32 else ("int8" if int8_mma else "float16")
   bk = block_k or pick_block_k(key_group)
-  if key_group % bk or capacity % bk:
-    raise ValueError(f"block_k={bk} must divide key_group={key_group} and capacity={capacity}")
+  if mode == "int8" and head_dim > 256:
+    raise ValueError(f"int8_mma needs head_dim <= 256 (int32 dots stay below 2^22); got {head_dim}")
+  if key_group % bk or capacity % bk or bk > 256:
+    raise ValueError(f"block_k={bk} must divide key_group={key_group} and capacity={capacity} "
+                     f"and be at most 256")
   scale = head_dim ** -0.5 if scale is None else scale
   splits = num_splits or default_num_splits(batch, kv_heads, capacity // bk)
   qp, rows = pack_queries(q, kv_heads)
+  n = q_len * (q_heads // kv_heads)
+  operand, row_scale, row_bias = query_operands(qp, kv, n, scale, mode)
   kernel = functools.partial(
-      _quant_decode_kernel, scale=scale, block_k=bk, num_splits=splits, group=q_heads // kv_heads,
-      q_len=q_len, bits=bits, key_group=key_group, value_group=value_group,
-      int8_mma=int8_mma)
-  per_head = lambda x: pl.BlockSpec((None, x.shape[1], None, x.shape[3]), lambda b, h, j: (b, 0, h, 0))
+      _quant_decode_kernel, block_k=bk, num_splits=splits, n=n, group=q_heads // kv_heads,
+      q_len=q_len, bits=bits, key_group=key_group, value_group=value_group, mode=mode,
+      interpret=interpret)
+  per_head = lambda x: pl.BlockSpec((None, None) + x.shape[2:], lambda b, h, j: (b, h) + (0,) * (x.ndim - 2))
   o, lse = pl.pallas_call(
       kernel,
       grid=(batch, kv_heads, splits),
       in_specs=[pl.BlockSpec(lengths.shape, lambda b, h, j: (0,)),
-                pl.BlockSpec((None, None, rows, head_dim), lambda b, h, j: (b, h, 0, 0))]
-               + [per_head(x) for x in kv[:4]] + [per_head(kv.v_scale)],
+                per_head(operand), per_head(row_scale), per_head(row_bias),
+                pl.BlockSpec((None, capacity, None, kv.k_codes.shape[3]), lambda b, h, j: (b, 0, h, 0)),
+                per_head(kv.v_codes), per_head(kv.v_scale), per_head(kv.v_zero)],
       out_specs=[pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, j: (b, h, j, 0, 0)),
                  pl.BlockSpec((None, None, None, rows), lambda b, h, j: (b, h, j, 0))],
       out_shape=[jax.ShapeDtypeStruct((batch, kv_heads, splits, rows, head_dim), jnp.float32),
@@ -303,9 +398,9 @@ def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | No
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name=f"lcjax_int{bits}_decode",
-  )(lengths.astype(jnp.int32), qp, *kv[:4], pack_scale_zero(kv.v_scale, kv.v_zero))
-  n = q_len * (q_heads // kv_heads)         # drop the padding rows before the merge reads them
-  out, lse = merge_splits(o[..., :n, :], lse[..., :n])
+  )(lengths.astype(jnp.int32), operand, row_scale, row_bias, kv.k_codes, kv.v_codes, kv.v_scale,
+    kv.v_zero)
+  out, lse = merge_splits(o[..., :n, :], lse[..., :n])    # drop the padding rows first
   out = unpack_rows(out, q_len, q_heads).astype(q.dtype)
   if return_lse:
     return out, jnp.moveaxis(unpack_rows(lse, q_len, q_heads), 1, 2)
