@@ -90,9 +90,9 @@ def quantized_decode_attend(q, kv: QuantizedKV, lengths, *, scale: float | None 
                             interpret: bool = False, **kernel_options):
   """Causal decode attention over a QuantizedKV cache (dequantised inside the kernel).
 
-  kernel_options: block_k, num_splits, num_warps, num_stages, int8_mma (int8 tensor-core dots:
-  fastest int8 path on the H100, 1.4x cuDNN bf16 tokens/s, relative error ~1% instead of ~0.3%;
-  see BENCHMARKS.md).
+  kernel_options: block_k, num_splits, num_warps, num_stages, int8_mma (int8 tensor-core dots,
+  the fast path for int8 and int4: 1.45-1.55x / 1.68-1.92x cuDNN's bf16 tokens/s on the H200 with
+  block_k=128, num_warps=2; relative error ~1 % instead of ~0.3-0.5 %; see BENCHMARKS.md run 8).
   """
   lengths = jnp.asarray(lengths, jnp.int32)
   if _use_pallas(implementation, interpret):
