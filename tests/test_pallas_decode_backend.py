@@ -63,3 +63,32 @@ def test_linear_paths_agree():
   ref_step = db.linear_attention_decode_step(ref_state, q[:, 0], k[:, 0], v[:, 0], decay, implementation="xla")
   for a, r in zip(step, ref_step):
     np.testing.assert_allclose(a, r, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("t", [1, 2])
+def test_dense_cache_decodes_through_the_kernel(t, monkeypatch):
+  # DenseKVCache.attend sends decode steps to decode_attend; "pallas" on a CPU runs the kernel in
+  # interpret mode. The kernel really runs (spied), and agrees with the XLA path, NaN on overflow.
+  from lcjax.cache import DenseKVCache
+  from pallas_kernels.gpu import decode as decode_kernels
+  q, k, v = _cache(4, t=t)
+  cache = DenseKVCache.create(2, 64, 2, 16).update(k[:, :40], v[:, :40])
+  cache = cache.update(k[:, 40:40 + t], v[:, 40:40 + t], num_new=jnp.array([t, 0], jnp.int32))
+  calls = []
+  real = decode_kernels.decode_attention
+  monkeypatch.setattr(decode_kernels, "decode_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+  out = cache.attend(q, implementation="pallas")
+  assert calls and calls[0]["interpret"]
+  ref = cache.attend(q, implementation="xla")
+  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+  over = DenseKVCache(cache.k, cache.v, jnp.array([65, 40], jnp.int32))
+  out = over.attend(q, implementation="pallas")
+  assert np.isnan(np.asarray(out[0])).all() and np.isfinite(np.asarray(out[1])).all()
+
+
+def test_decode_unsupported_reason_names_the_limit():
+  q, k, v = _cache(5, t=40)
+  assert "prefill" in db.decode_unsupported_reason(q, k, v)
+  q, k, v = _cache(5, t=1)
+  assert db.decode_unsupported_reason(q.astype(jnp.bfloat16), k, v).startswith("q, k, v dtypes")
+  assert db.decode_unsupported_reason(q, k, v) is None

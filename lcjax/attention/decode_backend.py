@@ -1,8 +1,9 @@
 """Glue from lcjax's caches to the GPU decode and linear-attention kernels (issue 5).
 
-What a cache's `attend` calls. Each function takes `implementation`: "pallas" (the kernels in
-pallas_kernels.gpu; on a CPU they run only with interpret=True), "xla" (the references, the CPU
-fallback), or "auto" (Pallas on a GPU backend, else XLA).
+What a cache's `attend` calls (DenseKVCache reads through decode_attend). Each function takes
+`implementation`: "pallas" (the kernels in pallas_kernels.gpu; without a GPU they run in
+interpret mode), "xla" (the references, the CPU fallback), or "auto" (Pallas on a GPU backend,
+else XLA).
 
   decode_attend(q, k, v, lengths, layout=None)        dense or block-sparse cache
   quantized_decode_attend(q, kv, lengths)             QuantizedKV (int8 / int4, KIVI-style)
@@ -32,12 +33,31 @@ from pallas_kernels.gpu.decode_quant import QuantizedKV, dequantize_kv, quantize
 IMPLEMENTATIONS = ("auto", "pallas", "xla")
 
 
-def _use_pallas(implementation: str, interpret: bool) -> bool:
+# The decode kernels pack the T x G query rows of a KV head into one tile: a few tokens only.
+MAX_DECODE_ROWS = 64
+
+
+def _use_pallas(implementation: str, interpret: bool) -> tuple[bool, bool]:
+  """(run the Pallas kernel?, in interpret mode?). "pallas" on a machine without a GPU runs the
+  kernel in interpret mode (slow, for tests) rather than failing to compile it."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {implementation!r}")
+  on_gpu = jax.default_backend() == "gpu"
   if implementation == "auto":
-    return jax.default_backend() == "gpu" or interpret
-  return implementation == "pallas"
+    return on_gpu or interpret, interpret
+  return implementation == "pallas", interpret or not on_gpu
+
+
+def decode_unsupported_reason(q, k, v) -> str | None:
+  """Why decode_attend's kernel cannot serve q [B, T, Hq, D] over k, v [B, C, Hkv, D] (None if it can)."""
+  rows = q.shape[1] * (q.shape[2] // k.shape[2])
+  if rows > MAX_DECODE_ROWS:
+    return f"T x (Hq / Hkv) = {rows} query rows per KV head > {MAX_DECODE_ROWS} (a prefill chunk)"
+  if not (q.dtype == k.dtype == v.dtype):
+    return f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
+  if k.shape[1] % 16 or q.shape[-1] % 16:
+    return f"capacity {k.shape[1]} and head_dim {q.shape[-1]} must be multiples of 16"
+  return None
 
 
 def layout_block_lists(layout: BlockLayout, batch: int, q_heads: int, kv_heads: int, capacity: int):
@@ -74,7 +94,8 @@ def decode_attend(q, k, v, lengths, *, layout: BlockLayout | None = None, scale:
   Returns out [B, T, Hq, D] in q.dtype (and float32 lse [B, Hq, T] with return_lse).
   """
   lengths = jnp.asarray(lengths, jnp.int32)
-  if _use_pallas(implementation, interpret):
+  use_pallas, interpret = _use_pallas(implementation, interpret)
+  if use_pallas:
     args = ()
     if layout is not None:
       args = layout_block_lists(layout, q.shape[0], q.shape[2], k.shape[2], k.shape[1])
@@ -95,7 +116,8 @@ def quantized_decode_attend(q, kv: QuantizedKV, lengths, *, scale: float | None 
   block_k=128, num_warps=2; relative error ~1 % instead of ~0.3-0.5 %; see BENCHMARKS.md run 8).
   """
   lengths = jnp.asarray(lengths, jnp.int32)
-  if _use_pallas(implementation, interpret):
+  use_pallas, interpret = _use_pallas(implementation, interpret)
+  if use_pallas:
     return decode_quant.quantized_decode_attention(q, kv, lengths, scale=scale, interpret=interpret,
                                                    return_lse=return_lse, **kernel_options)
   k, v = dequantize_kv(kv, q.dtype)
@@ -110,7 +132,8 @@ def linear_attention(q, k, v, log_decay=None, *, scale: float | None = None, ret
   With return_state also the float32 state [B, H, Dk, Dv] after the last token, which
   linear_attention_decode_step continues from.
   """
-  if _use_pallas(implementation, interpret):
+  use_pallas, interpret = _use_pallas(implementation, interpret)
+  if use_pallas:
     return linear_kernels.linear_attention(q, k, v, log_decay, scale=scale, return_state=return_state,
                                            interpret=interpret, **kernel_options)
   if return_state:
@@ -121,7 +144,8 @@ def linear_attention(q, k, v, log_decay=None, *, scale: float | None = None, ret
 def linear_attention_decode_step(state, q, k, v, log_decay=None, *, scale: float | None = None,
                                  implementation: str = "auto", interpret: bool = False, **kernel_options):
   """One recurrent step: q, k [B, H, Dk], v [B, H, Dv], state float32 [B, H, Dk, Dv] -> (out, state)."""
-  if _use_pallas(implementation, interpret):
+  use_pallas, interpret = _use_pallas(implementation, interpret)
+  if use_pallas:
     return linear_kernels.linear_attention_decode_step(state, q, k, v, log_decay, scale=scale,
                                                        interpret=interpret, **kernel_options)
   return linear_reference.linear_attention_decode_step_reference(state, q, k, v, log_decay=log_decay,

@@ -8,7 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lcjax.attention import attend, masks
+from lcjax.attention import attend, decode_backend, masks
 from lcjax.cache.base import KV_AXES, tree_bytes
 
 
@@ -63,10 +63,18 @@ class DenseKVCache:
     return dataclasses.replace(self, k=k, v=v, lengths=self.lengths + num_new)
 
   def attend(self, q, *, scale: float | None = None, implementation: str = "auto"):
-    mask = masks.causal() if self.window is None else masks.sliding_window(self.window - 1)
-    # Queries are the last T tokens written: absolute positions lengths - T .. lengths - 1.
-    out = attend(q, self.k, self.v, mask=mask, scale=scale, q_offset=self.lengths - q.shape[1],
-                 kv_valid_len=self.lengths, implementation=implementation)
+    """q [B, T, Hq, D]: the last T tokens written (positions lengths - T .. lengths - 1).
+
+    Decode steps (a few tokens, no window) go to the split-KV decode kernel (on a GPU with "auto";
+    pallas_kernels.gpu.decode), prefill chunks to `attend`.
+    """
+    if self.window is None and decode_backend.decode_unsupported_reason(q, self.k, self.v) is None:
+      out = decode_backend.decode_attend(q, self.k, self.v, self.lengths, scale=scale,
+                                         implementation=implementation)
+    else:
+      mask = masks.causal() if self.window is None else masks.sliding_window(self.window - 1)
+      out = attend(q, self.k, self.v, mask=mask, scale=scale, q_offset=self.lengths - q.shape[1],
+                   kv_valid_len=self.lengths, implementation=implementation)
     # A sequence that overflowed the capacity lost tokens: NaN, not a silently wrong answer.
     return jnp.where((self.lengths > self.capacity)[:, None, None, None], jnp.nan, out)
 
