@@ -116,7 +116,8 @@ def profile(cfg):
   opts = dict(block_k=bk, num_splits=splits, num_warps=warps, num_stages=stages)
   jax.block_until_ready(decode.decode_attention(q, k, v, lengths, **opts))
   for bits in (8, 4):
-    qkv = decode_quant.quantize_kv(k, v, bits=bits, key_group=cfg["key_group"], value_group=cfg["value_groups"][0])
+    vg = max(g for g in cfg["value_groups"] if g <= d // (8 // bits))   # int4 needs vg <= D/2
+    qkv = decode_quant.quantize_kv(k, v, bits=bits, key_group=cfg["key_group"], value_group=vg)
     for int8_mma in (False, True):
       jax.block_until_ready(decode_quant.quantized_decode_attention(q, qkv, lengths, int8_mma=int8_mma, **opts))
 
