@@ -42,9 +42,9 @@ def _next_pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
 
-def default_num_splits(batch: int, kv_heads: int, num_blocks: int) -> int:
-  """Enough programs to fill the GPU a few times over, never more splits than key blocks."""
-  return int(max(1, min(_cdiv(4 * NUM_SMS, batch * kv_heads), num_blocks)))
+def default_num_splits(batch: int, kv_heads: int, num_blocks: int, waves: int = 4) -> int:
+  """About `waves` programs per SM, never more splits than key blocks."""
+  return int(max(1, min(_cdiv(waves * NUM_SMS, batch * kv_heads), num_blocks)))
 
 
 def pick_block_k(capacity: int, preferred: int = 128) -> int:

@@ -345,12 +345,16 @@ def _quant_decode_kernel(len_ref, q_ref, qs_ref, qb_ref, kc_ref, vc_ref, vs_ref,
     "return_lse"))
 def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | None = None,
                                block_k: int | None = None, num_splits: int | None = None,
-                               num_warps: int = 4, num_stages: int = 3, int8_mma: bool = False,
-                               interpret: bool = False, return_lse: bool = False):
+                               num_warps: int | None = None, num_stages: int = 3,
+                               int8_mma: bool = False, interpret: bool = False,
+                               return_lse: bool = False):
   """Decode attention of q [B, T, Hq, D] (bf16/f16/f32) over a QuantizedKV cache.
 
   Same contract as pallas_kernels.gpu.decode.decode_attention; block_k must divide the key
   group (default min(128, key_group)) and be at most 256. Scales and zeros are used as float16.
+  Defaults are the fastest configuration measured at B8 Hq32 Hkv8 D128 (BENCHMARKS.md run 8):
+  block_k 128, about 8 programs per SM (17 splits at B8 Hkv8; 16 were measured), 2 warps with
+  int8 dots, else 4.
   Dots: float32 queries take exact float32 dots. 16-bit queries take float16 dots of the codes
   (made exact in float16), or with int8_mma int8 tensor-core dots: q * k_scale quantised to
   int8 per row and key group (SageAttention-style), p * v_scale with one scale per tile.
@@ -375,7 +379,8 @@ def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | No
     raise ValueError(f"block_k={bk} must divide key_group={key_group} and capacity={capacity} "
                      f"and be at most 256")
   scale = head_dim ** -0.5 if scale is None else scale
-  splits = num_splits or default_num_splits(batch, kv_heads, capacity // bk)
+  splits = num_splits or default_num_splits(batch, kv_heads, capacity // bk, waves=8)
+  num_warps = num_warps or (2 if mode == "int8" else 4)
   qp, rows = pack_queries(q, kv_heads)
   n = q_len * (q_heads // kv_heads)
   operand, row_scale, row_bias = query_operands(qp, kv, n, scale, mode)
