@@ -357,7 +357,8 @@ def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | No
   int8 dots, else 4.
   Dots: float32 queries take exact float32 dots. 16-bit queries take float16 dots of the codes
   (made exact in float16), or with int8_mma int8 tensor-core dots: q * k_scale quantised to
-  int8 per row and key group (SageAttention-style), p * v_scale with one scale per tile.
+  int8 per row and key group (SageAttention-style), p per row from the tile maximum (times
+  v_scale / the tile's largest v_scale).
   """
   batch, q_len, q_heads, head_dim = q.shape
   capacity, kv_heads = kv.capacity, kv.k_codes.shape[2]
