@@ -30,11 +30,20 @@ def test_decode_attend_paths_agree(layout_heads):
   np.testing.assert_allclose(lse, ref_lse, atol=2e-5, rtol=2e-5)
 
 
-def test_layout_with_query_heads_is_rejected():
+def test_layout_per_query_head_agrees_and_other_head_counts_are_rejected():
+  # One block list per query head (GQA, 4 query heads on 2 KV heads): each program serves one
+  # query head and reads its KV head's listed blocks.
   q, k, v = _cache(1)
-  visible = np.ones((2, 4, 1, 4), bool)
+  lengths = jnp.array([64, 37], jnp.int32)
+  visible = np.random.default_rng(1).random((2, 4, 1, 4)) < 0.5
+  visible[..., 0] = True
   layout = BlockLayout.from_block_mask(visible, block_q=1, block_kv=16, q_len=1, kv_len=64)
-  with pytest.raises(ValueError, match="kv_heads"):
+  out = db.decode_attend(q, k, v, lengths, layout=layout, implementation="pallas", num_splits=2)
+  ref = db.decode_attend(q, k, v, lengths, layout=layout, implementation="xla")
+  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+  layout = BlockLayout.from_block_mask(np.ones((2, 3, 1, 4), bool), block_q=1, block_kv=16, q_len=1,
+                                       kv_len=64)
+  with pytest.raises(ValueError, match="q_heads=4"):
     db.decode_attend(q, k, v, jnp.array([5, 6], jnp.int32), layout=layout, implementation="pallas",
                      interpret=True)
   with pytest.raises(ValueError, match="implementation"):
@@ -92,3 +101,24 @@ def test_decode_unsupported_reason_names_the_limit():
   q, k, v = _cache(5, t=1)
   assert db.decode_unsupported_reason(q.astype(jnp.bfloat16), k, v).startswith("q, k, v dtypes")
   assert db.decode_unsupported_reason(q, k, v) is None
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+@pytest.mark.parametrize("cache_name", ["QuestKVCache", "LandmarkKVCache"])
+def test_block_retrieval_caches_decode_through_the_sparse_kernel(cache_name, kv_heads, monkeypatch):
+  # Quest / landmark select blocks per query head; on the Pallas path the block-sparse kernel
+  # reads exactly those (one list per query head under GQA) and agrees with the masked XLA path.
+  import lcjax.cache as caches
+  from pallas_kernels.gpu import decode as decode_kernels
+  q, k, v = _cache(6, t=1, hq=4, hkv=kv_heads, c=128)
+  cache = getattr(caches, cache_name).create(2, 128, kv_heads, 16, block_size=16, top_blocks=2,
+                                             local_blocks=1)
+  cache = cache.update(k[:, :90], v[:, :90]).update(k[:, 90:91], v[:, 90:91], num_new=jnp.array([1, 0]))
+  calls = []
+  real = decode_kernels.decode_attention
+  monkeypatch.setattr(decode_kernels, "decode_attention",
+                      lambda *a, **kw: calls.append(a[4].shape) or real(*a, **kw))
+  out = cache.attend(q, implementation="pallas")
+  assert calls == [(2, 4, 8)]                        # block lists [B, Hq, num blocks]
+  ref = cache.attend(q, implementation="xla")
+  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)

@@ -48,6 +48,11 @@ def _use_pallas(implementation: str, interpret: bool) -> tuple[bool, bool]:
   return implementation == "pallas", interpret or not on_gpu
 
 
+def uses_kernels(implementation: str) -> bool:
+  """Whether `implementation` ("auto", "pallas", "xla") runs the Pallas kernels on this backend."""
+  return _use_pallas(implementation, False)[0]
+
+
 def decode_unsupported_reason(q, k, v) -> str | None:
   """Why decode_attend's kernel cannot serve q [B, T, Hq, D] over k, v [B, C, Hkv, D] (None if it can)."""
   rows = q.shape[1] * (q.shape[2] // k.shape[2])
@@ -61,10 +66,11 @@ def decode_unsupported_reason(q, k, v) -> str | None:
 
 
 def layout_block_lists(layout: BlockLayout, batch: int, q_heads: int, kv_heads: int, capacity: int):
-  """A decode BlockLayout (one query block) -> (block_indices [B, Hkv, n], block_counts [B, Hkv]).
+  """A decode BlockLayout (one query block) -> (block_indices [B, H, n], block_counts [B, H]).
 
   The layout's heads must be 1 or kv_heads (all query heads of a KV head share its blocks, so K/V
-  are read once); its batch 1 or B. kv_full is not needed: the causal / fill-level mask is
+  are read once), or q_heads (one list per query head: a KV block is read once per query head
+  that lists it); its batch 1 or B. kv_full is not needed: the causal / fill-level mask is
   always applied inside the visited blocks.
   """
   if layout.num_q_blocks != 1:
@@ -73,13 +79,13 @@ def layout_block_lists(layout: BlockLayout, batch: int, q_heads: int, kv_heads: 
   if layout.kv_len != capacity:
     raise ValueError(f"layout.kv_len={layout.kv_len} must equal the cache capacity {capacity}")
   lb, lh = layout.kv_counts.shape[:2]
-  if lh not in (1, kv_heads):
-    raise ValueError(f"layout heads {lh} must be 1 or kv_heads={kv_heads} for decode "
-                     f"(q_heads={q_heads}: per-query-head layouts would re-read K/V)")
+  if lh not in (1, kv_heads, q_heads):
+    raise ValueError(f"layout heads {lh} must be 1, kv_heads={kv_heads} or q_heads={q_heads} for decode")
   if lb not in (1, batch):
     raise ValueError(f"layout batch {lb} must be 1 or the batch size {batch}")
-  idx = jnp.broadcast_to(layout.kv_indices[:, :, 0], (batch, kv_heads, layout.kv_indices.shape[-1]))
-  cnt = jnp.broadcast_to(layout.kv_counts[:, :, 0], (batch, kv_heads))
+  heads = kv_heads if lh == 1 else lh
+  idx = jnp.broadcast_to(layout.kv_indices[:, :, 0], (batch, heads, layout.kv_indices.shape[-1]))
+  cnt = jnp.broadcast_to(layout.kv_counts[:, :, 0], (batch, heads))
   return idx, cnt
 
 

@@ -6,8 +6,9 @@ their summaries, reads the `top_blocks` best plus the `local_blocks` most recent
 attention over those blocks only. Prefill chunks (T > 1) attend densely (causal), as the papers do.
 A subclass defines the summaries (`summarize`) and the block score (`block_scores`).
 
-KERNEL HOOK: the selected blocks form a per-head block list; a block-sparse decode kernel
-(lcjax/attention/decode_backend.py) can read exactly those blocks instead of masking all of them.
+Decode steps on the Pallas path (implementation "auto" on a GPU, or "pallas") read exactly the
+selected blocks with the block-sparse decode kernel (lcjax/attention/decode_backend.py), one
+block list per query head; the XLA path masks the unselected ones.
 Capacity: positions >= capacity cannot be stored: those sequences' outputs become NaN.
 """
 
@@ -18,7 +19,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from lcjax.attention import attend, masks
+from lcjax.attention import BlockLayout, attend, decode_backend, masks
 from lcjax.cache.dense import write_rows
 from lcjax.cache.slots import attend_slots, resolve_num_new
 
@@ -72,7 +73,7 @@ class BlockRetrievalCache:
     return select_blocks(self.block_scores(q), self.lengths, self.block_size, self.top_blocks,
                          self.local_blocks)
 
-  def attend(self, q, *, scale: float | None = None, implementation: str = "xla"):
+  def attend(self, q, *, scale: float | None = None, implementation: str = "auto"):
     poison = self.lengths > self.k.shape[1]
     if q.shape[1] > 1:
       out = attend(q, self.k, self.v, mask=masks.causal(), scale=scale, q_offset=self.lengths - q.shape[1],
@@ -80,6 +81,13 @@ class BlockRetrievalCache:
       return jnp.where(poison[:, None, None, None], jnp.nan, out)
     chosen = self.selected_blocks(q)                                   # [B, Hq, nB]
     bs = self.block_size
+    if (decode_backend.uses_kernels(implementation) and bs % 16 == 0
+        and decode_backend.decode_unsupported_reason(q, self.k, self.v) is None):
+      layout = BlockLayout.from_block_mask(chosen[:, :, None], block_q=1, block_kv=bs, q_len=1,
+                                           kv_len=self.k.shape[1])
+      out = decode_backend.decode_attend(q, self.k, self.v, self.lengths, layout=layout, scale=scale,
+                                         implementation=implementation)
+      return jnp.where(poison[:, None, None, None], jnp.nan, out)
 
     def visible(b, hq, q_pos, slot):
       return chosen[b, hq, slot // bs] & (slot <= q_pos)

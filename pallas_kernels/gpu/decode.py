@@ -16,7 +16,9 @@ Softmax statistics and accumulation are float32; the dots take the cache's dtype
 Block-sparse decode visits only listed key blocks per (batch, kv head):
   block_indices int32 [B, Hkv, max_blocks]   key block numbers (block_size keys each)
   block_counts  int32 [B, Hkv]               how many entries of block_indices are valid
-(a BlockLayout's kv_indices[:, :, 0] / kv_counts[:, :, 0] with one query block). Indices are
+(a BlockLayout's kv_indices[:, :, 0] / kv_counts[:, :, 0] with one query block), or per query
+head, [B, Hq, max_blocks] / [B, Hq] (Quest-style selection per query head): then each program
+serves one query head and K/V blocks are read once per query head that lists them. Indices are
 clamped to the cache and lengths past the capacity read only the capacity (never out of bounds).
 """
 
@@ -201,8 +203,9 @@ def decode_attention(q, k, v, lengths, block_indices=None, block_counts=None, *,
 
   Args:
     q: [B, T, Hq, D]; k, v: [B, C, Hkv, D] (same dtype as q); lengths: int32 [B].
-    block_indices, block_counts: optional int32 [B, Hkv, max_blocks] / [B, Hkv] for
-      block-sparse decode over key blocks of `block_size` keys (a multiple of the tile).
+    block_indices, block_counts: optional int32 [B, Hkv, max_blocks] / [B, Hkv] (or [B, Hq, ...]
+      / [B, Hq], one list per query head) for block-sparse decode over key blocks of
+      `block_size` keys (a multiple of the tile).
     scale: logit scale, default D ** -0.5.
     block_k: keys per tile (default the largest of 128, 64, ... dividing C and block_size).
     num_splits: KV splits per (batch, kv head); default fills the GPU about four times.
@@ -219,9 +222,11 @@ def decode_attention(q, k, v, lengths, block_indices=None, block_counts=None, *,
   if sparse:
     if block_counts is None or block_size is None:
       raise ValueError("block-sparse decode needs block_indices, block_counts and block_size")
-    if block_indices.shape[:2] != (batch, kv_heads) or block_counts.shape != (batch, kv_heads):
-      raise ValueError(f"block_indices must be [B={batch}, Hkv={kv_heads}, n] and block_counts "
-                       f"[B, Hkv]; got {block_indices.shape} and {block_counts.shape}")
+    list_heads = block_indices.shape[1] if block_indices.ndim == 3 else -1
+    if (list_heads not in (kv_heads, q_heads) or block_indices.shape[0] != batch
+        or block_counts.shape != (batch, list_heads)):
+      raise ValueError(f"block_indices must be [B={batch}, Hkv={kv_heads} or Hq={q_heads}, n] and "
+                       f"block_counts [B, same heads]; got {block_indices.shape} and {block_counts.shape}")
   bk = block_k or pick_block_k(math.gcd(capacity, block_size) if sparse else capacity)
   if capacity % bk or (sparse and block_size % bk):
     raise ValueError(f"block_k={bk} must divide the capacity {capacity}"
@@ -230,12 +235,17 @@ def decode_attention(q, k, v, lengths, block_indices=None, block_counts=None, *,
     raise ValueError(f"block_size={block_size} must divide the cache capacity {capacity}")
   tiles_per_block = block_size // bk if sparse else 1
   max_tiles = block_indices.shape[-1] * tiles_per_block if sparse else capacity // bk
-  splits = num_splits or default_num_splits(batch, kv_heads, max_tiles)
+  # Programs per (batch, list head): a KV head (its query heads packed together) or, for lists
+  # per query head, one query head reading KV head h // group.
+  per_query_head = sparse and block_indices.shape[1] == q_heads and q_heads != kv_heads
+  prog_heads, kv_of = (q_heads, lambda h: h // group) if per_query_head else (kv_heads, lambda h: h)
+  splits = num_splits or default_num_splits(batch, prog_heads, max_tiles)
 
-  qp, rows = pack_queries(q, kv_heads)
-  kernel = functools.partial(_decode_kernel, scale=scale, block_k=bk, num_splits=splits, group=group,
-                             q_len=q_len, sparse=sparse, tiles_per_block=tiles_per_block)
-  kv_spec = pl.BlockSpec((None, capacity, None, head_dim), lambda b, h, j: (b, 0, h, 0))
+  qp, rows = pack_queries(q, prog_heads)
+  kernel = functools.partial(_decode_kernel, scale=scale, block_k=bk, num_splits=splits,
+                             group=q_heads // prog_heads, q_len=q_len, sparse=sparse,
+                             tiles_per_block=tiles_per_block)
+  kv_spec = pl.BlockSpec((None, capacity, None, head_dim), lambda b, h, j: (b, 0, kv_of(h), 0))
   whole = lambda x: pl.BlockSpec(x.shape, lambda b, h, j: (0,) * x.ndim)
   lengths = lengths.astype(jnp.int32)
   args = [lengths]
@@ -249,17 +259,17 @@ def decode_attention(q, k, v, lengths, block_indices=None, block_counts=None, *,
   in_specs += [pl.BlockSpec((None, None, rows, head_dim), lambda b, h, j: (b, h, 0, 0)), kv_spec, kv_spec]
   o, lse = pl.pallas_call(
       kernel,
-      grid=(batch, kv_heads, splits),
+      grid=(batch, prog_heads, splits),
       in_specs=in_specs,
       out_specs=[pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, j: (b, h, j, 0, 0)),
                  pl.BlockSpec((None, None, None, rows), lambda b, h, j: (b, h, j, 0))],
-      out_shape=[jax.ShapeDtypeStruct((batch, kv_heads, splits, rows, head_dim), jnp.float32),
-                 jax.ShapeDtypeStruct((batch, kv_heads, splits, rows), jnp.float32)],
+      out_shape=[jax.ShapeDtypeStruct((batch, prog_heads, splits, rows, head_dim), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, prog_heads, splits, rows), jnp.float32)],
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="lcjax_sparse_decode" if sparse else "lcjax_decode",
   )(*args)
-  n = q_len * (q_heads // kv_heads)         # drop the padding rows before the merge reads them
+  n = q_len * (q_heads // prog_heads)       # drop the padding rows before the merge reads them
   out, lse = merge_splits(o[..., :n, :], lse[..., :n])
   out = unpack_rows(out, q_len, q_heads).astype(q.dtype)
   if return_lse:
