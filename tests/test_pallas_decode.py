@@ -97,3 +97,32 @@ def test_lengths_past_capacity_read_only_the_cache():
   ref, _ = _reference(q, k, v, jnp.array([32], jnp.int32))
   # Query position 39 sees every key that exists: the same as a full cache of 32.
   np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_decode_kernels_lower_for_h100():
+  """Dense, block-sparse (lists per KV head and per query head) and int8 / int4 decode on both dot
+  paths lower to Triton custom calls for an H100 target without a GPU (the inline PTX of the int4
+  int8-dot path included); tests/test_pallas_decode_gpu.py runs them on the device machine."""
+  from jax import export
+  from jax._src import mesh as mesh_lib
+  from pallas_kernels.gpu import decode_quant
+  S = jax.ShapeDtypeStruct
+  b, hq, hkv, c, d = 2, 8, 2, 512, 128
+  q, kv, lengths = S((b, 1, hq, d), jnp.bfloat16), S((b, c, hkv, d), jnp.bfloat16), S((b,), jnp.int32)
+  calls = [(lambda q, k, v, l: decode.decode_attention(q, k, v, l), (q, kv, kv, lengths))]
+  for heads in (hkv, hq):
+    calls.append((lambda q, k, v, l, i, n: decode.decode_attention(q, k, v, l, i, n, block_size=128),
+                  (q, kv, kv, lengths, S((b, heads, 4), jnp.int32), S((b, heads), jnp.int32))))
+  for bits, vg in ((8, 128), (4, 64)):
+    cache = jax.eval_shape(lambda: decode_quant.quantize_kv(jnp.zeros(kv.shape), jnp.zeros(kv.shape),
+                                                            bits=bits, key_group=128, value_group=vg))
+    for int8_mma in (False, True):
+      calls.append((lambda q, c, l, m=int8_mma: decode_quant.quantized_decode_attention(q, c, l, int8_mma=m),
+                    (q, cache, lengths)))
+  target = "__gpu$xla.gpu.triton"
+  h100 = mesh_lib.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+    for fn, args in calls:
+      exported = export.export(jax.jit(fn), platforms=["cuda"],
+                               disabled_checks=[export.DisabledSafetyCheck.custom_call(target)])(*args)
+      assert exported.mlir_module().count(f"custom_call @{target}") == 1
