@@ -1,9 +1,9 @@
 """Glue from lcjax's caches to the GPU decode and linear-attention kernels (issue 5).
 
-What a cache's `attend` calls (DenseKVCache reads through decode_attend). Each function takes
-`implementation`: "pallas" (the kernels in pallas_kernels.gpu; without a GPU they run in
-interpret mode), "xla" (the references, the CPU fallback), or "auto" (Pallas on a GPU backend,
-else XLA).
+What a cache's `attend` calls (DenseKVCache and the Quest / landmark caches read through
+decode_attend). Each function takes `implementation`: "pallas" (the kernels in
+pallas_kernels.gpu; without a GPU they run in interpret mode), "xla" (the references, the CPU
+fallback), or "auto" (Pallas on a GPU backend, else XLA).
 
   decode_attend(q, k, v, lengths, layout=None)        dense or block-sparse cache
   quantized_decode_attend(q, kv, lengths)             QuantizedKV (int8 / int4, KIVI-style)
