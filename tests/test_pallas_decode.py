@@ -101,8 +101,8 @@ def test_lengths_past_capacity_read_only_the_cache():
 
 def test_decode_kernels_lower_for_h100():
   """Dense, block-sparse (lists per KV head and per query head) and int8 / int4 decode on both dot
-  paths lower to Triton custom calls for an H100 target without a GPU (the inline PTX of the int4
-  int8-dot path included); tests/test_pallas_decode_gpu.py runs them on the device machine."""
+  paths lower to Triton custom calls for an H100 target without a GPU (the int4 inline PTX is only
+  assembled on a GPU); tests/test_pallas_decode_gpu.py runs them on the device machine."""
   from jax import export
   from jax._src import mesh as mesh_lib
   from pallas_kernels.gpu import decode_quant
