@@ -65,8 +65,8 @@ def time_in_scan(fn, q, *rest, iters=30, repeats=5):
   """Like time_fn, but the `iters` calls run inside one jit (an unrolled lax.scan, as a compiled
   decode loop runs), so host dispatch is not timed. Each step gets its own (slightly scaled) q,
   and the carry depends on every output, so no call can be hoisted or dropped. Unrolled because
-  a rolled loop on the GPU costs ~15 us per iteration of its own (the loop condition goes back to
-  the host), which would be charged to every kernel."""
+  a rolled loop cost 16.5 us per iteration of its own on the H200 (BENCHMARKS.md run 8), which
+  would be charged to every kernel."""
   def many(q, *rest):
     def step(c, i):
       qi = (q.astype(jnp.float32) * (1 + 1e-3 * i.astype(jnp.float32))).astype(q.dtype)
@@ -134,8 +134,9 @@ def main(argv):
   timing = dict(iters=cfg["iters"], repeats=cfg["repeats"])
   print(f"device={jax.devices()[0].device_kind} jax={jax.__version__}", flush=True)
   summary = []
-  # What a timed step costs with no attention at all (its q scaling and carry): charged to every
-  # kernel alike, so the sparse rows also report their ratio net of it.
+  # What a timed step costs with no attention at all (the step's own ops and carry; XLA may scale
+  # only the element the carry reads): charged to every kernel alike, so the sparse rows also
+  # report their ratio net of it.
   q0 = jnp.ones((b, 1, hq, d), jnp.bfloat16)
   t_empty = time_in_scan(jax.jit(lambda q: q), q0, **timing)
   log.add(impl="empty scan step", ms=t_empty * 1e3)

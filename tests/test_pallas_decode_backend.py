@@ -101,6 +101,8 @@ def test_decode_unsupported_reason_names_the_limit():
   q, k, v = _cache(5, t=1)
   assert db.decode_unsupported_reason(q.astype(jnp.bfloat16), k, v).startswith("q, k, v dtypes")
   assert db.decode_unsupported_reason(q, k, v) is None
+  assert "block_size 8" in db.decode_unsupported_reason(q, k, v, block_size=8)
+  assert db.decode_unsupported_reason(q, k, v, block_size=32) is None
 
 
 @pytest.mark.parametrize("kv_heads", [2, 4])

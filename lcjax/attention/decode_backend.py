@@ -53,8 +53,9 @@ def uses_kernels(implementation: str) -> bool:
   return _use_pallas(implementation, False)[0]
 
 
-def decode_unsupported_reason(q, k, v) -> str | None:
-  """Why decode_attend's kernel cannot serve q [B, T, Hq, D] over k, v [B, C, Hkv, D] (None if it can)."""
+def decode_unsupported_reason(q, k, v, block_size: int | None = None) -> str | None:
+  """Why decode_attend's kernel cannot serve q [B, T, Hq, D] over k, v [B, C, Hkv, D] (with key
+  blocks of block_size for block-sparse decode); None if it can."""
   rows = q.shape[1] * (q.shape[2] // k.shape[2])
   if rows > MAX_DECODE_ROWS:
     return f"T x (Hq / Hkv) = {rows} query rows per KV head > {MAX_DECODE_ROWS} (a prefill chunk)"
@@ -62,6 +63,8 @@ def decode_unsupported_reason(q, k, v) -> str | None:
     return f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
   if k.shape[1] % 16 or q.shape[-1] % 16:
     return f"capacity {k.shape[1]} and head_dim {q.shape[-1]} must be multiples of 16"
+  if block_size is not None and block_size % 16:
+    return f"block_size {block_size} must be a multiple of 16"
   return None
 
 

@@ -81,8 +81,8 @@ class BlockRetrievalCache:
       return jnp.where(poison[:, None, None, None], jnp.nan, out)
     chosen = self.selected_blocks(q)                                   # [B, Hq, nB]
     bs = self.block_size
-    if (decode_backend.uses_kernels(implementation) and bs % 16 == 0
-        and decode_backend.decode_unsupported_reason(q, self.k, self.v) is None):
+    if (decode_backend.uses_kernels(implementation)
+        and decode_backend.decode_unsupported_reason(q, self.k, self.v, bs) is None):
       layout = BlockLayout.from_block_mask(chosen[:, :, None], block_q=1, block_kv=bs, q_len=1,
                                            kv_len=self.k.shape[1])
       out = decode_backend.decode_attend(q, self.k, self.v, self.lengths, layout=layout, scale=scale,

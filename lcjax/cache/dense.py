@@ -68,7 +68,8 @@ class DenseKVCache:
     Decode steps (a few tokens, no window) go to the split-KV decode kernel (on a GPU with "auto";
     pallas_kernels.gpu.decode), prefill chunks to `attend`.
     """
-    if self.window is None and decode_backend.decode_unsupported_reason(q, self.k, self.v) is None:
+    if (self.window is None and decode_backend.uses_kernels(implementation)
+        and decode_backend.decode_unsupported_reason(q, self.k, self.v) is None):
       out = decode_backend.decode_attend(q, self.k, self.v, self.lengths, scale=scale,
                                          implementation=implementation)
     else:

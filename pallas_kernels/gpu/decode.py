@@ -97,10 +97,7 @@ def merge_splits(o, lse):
 
 
 def online_softmax_step(carry, s, mask, v_dot):
-  """One flash step. s: float32 [rows, bk] logits, mask bool [rows, bk].
-
-  v_dot(p) -> [rows, D], or a tuple of column slices of it (the accumulator o has the same form).
-  """
+  """One flash step. s: float32 [rows, bk] logits, mask bool [rows, bk]; v_dot(p) -> [rows, D]."""
   o, m, l = carry
   s = jnp.where(mask, s, -jnp.inf)
   m_new = jnp.maximum(m, s.max(axis=-1))
@@ -108,7 +105,7 @@ def online_softmax_step(carry, s, mask, v_dot):
   alpha = jnp.exp(m - m_safe)
   p = jnp.where(mask, jnp.exp(s - m_safe[:, None]), 0.0)
   l = alpha * l + p.sum(axis=-1)
-  o = jax.tree.map(lambda acc, pv: alpha[:, None] * acc + pv, o, v_dot(p))
+  o = alpha[:, None] * o + v_dot(p)
   return o, m_new, l
 
 

@@ -39,9 +39,6 @@ from pallas_kernels.gpu.decode import (default_num_splits, finish, merge_splits,
                                        pick_block_k, query_positions, split_range, unpack_rows,
                                        validate_decode_args)
 
-DOT_MODES = ("float32", "float16", "int8")
-
-
 class QuantizedKV(NamedTuple):
   """A quantised KV cache's arrays (a pytree). bits and group sizes follow from the shapes."""
   k_codes: jax.Array
