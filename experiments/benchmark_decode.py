@@ -116,7 +116,7 @@ def profile(cfg):
   opts = dict(block_k=bk, num_splits=splits, num_warps=warps, num_stages=stages)
   jax.block_until_ready(decode.decode_attention(q, k, v, lengths, **opts))
   for bits in (8, 4):
-    vg = max(g for g in cfg["value_groups"] if g <= d // (8 // bits))   # int4 needs vg <= D/2
+    vg = max(g for g in cfg["value_groups"] if decode_quant.value_group_fits(d, bits, g))
     qkv = decode_quant.quantize_kv(k, v, bits=bits, key_group=cfg["key_group"], value_group=vg)
     for int8_mma in (False, True):
       jax.block_until_ready(decode_quant.quantized_decode_attention(q, qkv, lengths, int8_mma=int8_mma, **opts))
@@ -205,7 +205,7 @@ def main(argv):
     # Quantised caches: tokens/s relative to cuDNN's bf16 (same tokens, fewer bytes).
     for bits in (8, 4):
      for vg in cfg["value_groups"]:
-      if vg > d // (8 // bits):
+      if not decode_quant.value_group_fits(d, bits, vg):
         continue
       qkv = jax.jit(lambda k, v, bits=bits, vg=vg: decode_quant.quantize_kv(
           k, v, bits=bits, key_group=cfg["key_group"], value_group=vg))(k, v)

@@ -113,7 +113,7 @@ def test_decode_kernels_lower_for_h100():
   for heads in (hkv, hq):
     calls.append((lambda q, k, v, l, i, n: decode.decode_attention(q, k, v, l, i, n, block_size=128),
                   (q, kv, kv, lengths, S((b, heads, 4), jnp.int32), S((b, heads), jnp.int32))))
-  for bits, vg in ((8, 128), (4, 64)):
+  for bits, vg in ((8, 128), (4, 64), (4, 128)):
     cache = jax.eval_shape(lambda: decode_quant.quantize_kv(jnp.zeros(kv.shape), jnp.zeros(kv.shape),
                                                             bits=bits, key_group=128, value_group=vg))
     for int8_mma in (False, True):

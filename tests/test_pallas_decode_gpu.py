@@ -67,7 +67,7 @@ def test_sparse_decode_matches_masked_reference():
   assert _rel(out, ref) < 1e-2
 
 
-@pytest.mark.parametrize("bits,value_group", [(8, 128), (8, 64), (4, 64)])
+@pytest.mark.parametrize("bits,value_group", [(8, 128), (8, 64), (4, 64), (4, 128)])
 @pytest.mark.parametrize("int8_mma", [False, True])
 @pytest.mark.parametrize("block_k", [64, 128])
 def test_quantized_decode_matches_dequantized_reference(bits, value_group, int8_mma, block_k):
@@ -77,5 +77,5 @@ def test_quantized_decode_matches_dequantized_reference(bits, value_group, int8_
   kd, vd = decode_quant.dequantize_kv(kv)
   err = _rel(out, _reference(q, kd, vd, LENGTHS))
   # float16 dots of exact codes: bf16-level error. int8 dots also quantise q * k_scale and p to
-  # int8 (about 1 % on random normal data).
-  assert err < (2e-2 if int8_mma else 5e-3), err
+  # int8 (about 1 % on random normal data; int4 with one value scale per token about 2 %).
+  assert err < (3e-2 if int8_mma else 5e-3), err

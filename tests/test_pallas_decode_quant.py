@@ -40,7 +40,8 @@ def test_quantizer_round_trip_error_is_within_half_a_step(bits):
   assert int(codes.min()) == -half and int(codes.max()) == half - 1   # full signed range used
 
 
-@pytest.mark.parametrize("bits,q_len,value_group", [(8, 1, 16), (4, 1, 16), (4, 2, 16), (8, 3, 32)])
+@pytest.mark.parametrize("bits,q_len,value_group", [(8, 1, 16), (4, 1, 16), (4, 2, 16), (8, 3, 32),
+                                                    (4, 1, 32)])   # int4, one group = the whole head
 def test_quantized_decode_matches_dequantized_reference(bits, q_len, value_group):
   q, k, v = _inputs(bits + q_len, q_len=q_len)
   kv = dq.quantize_kv(k, v, bits=bits, key_group=32, value_group=value_group)
@@ -69,6 +70,31 @@ def test_quantized_decode_bf16_close_to_full_precision(bits, int8_mma):
   assert out.dtype == jnp.bfloat16 and err < (3e-2 if int8_mma else 1e-2)
   full, _ = _reference(q, k, v, lengths)                 # and close to the unquantised cache
   assert np.linalg.norm(np.asarray(out, np.float32) - full) / np.linalg.norm(full) < (3e-2 if bits == 8 else 0.3)
+
+
+@pytest.mark.parametrize("bits,value_group", [(8, 16), (4, 32)])
+def test_int8_dots_follow_each_key_groups_scales(bits, value_group):
+  # Key groups of very different magnitude: the query operand folded per group (inside the
+  # kernel for int8 keys, outside for int4) must use its own group's scales and zeros.
+  q, k, v = _inputs(21, capacity=128)
+  k = k * jnp.repeat(jnp.array([1.0, 12.0, 0.2, 4.0]), 32)[None, :, None, None] + 3.0
+  lengths = jnp.array([128, 70, 33], jnp.int32)
+  kv = dq.quantize_kv(k, v, bits=bits, key_group=32, value_group=value_group)
+  out = dq.quantized_decode_attention(q.astype(jnp.bfloat16), kv, lengths, block_k=32, num_splits=2,
+                                      int8_mma=True, interpret=True)
+  kd, vd = dq.dequantize_kv(kv)
+  ref, _ = _reference(q, kd, vd, lengths)
+  err = np.linalg.norm(np.asarray(out, np.float32) - ref) / np.linalg.norm(ref)
+  assert err < 3e-2, err
+
+
+def test_value_group_rules():
+  assert dq.value_group_fits(128, 8, 32) and dq.value_group_fits(128, 4, 64)
+  assert dq.value_group_fits(128, 4, 128)            # one scale per token, both nibble halves
+  assert not dq.value_group_fits(96, 4, 32)          # would straddle the halves (48 channels each)
+  _, k, v = _inputs(3, head_dim=96)
+  with pytest.raises(ValueError, match="value group_size=32"):
+    dq.quantize_values(v, bits=4, group_size=32)
 
 
 def test_bad_groups_raise():

@@ -15,12 +15,14 @@ that operand (the reduction dimension innermost), so no tile is transposed in th
 
 int4 codes are packed two per byte, split-half: byte j holds channel j in its low nibble and
 channel j + D/2 in its high nibble, so the kernel unpacks with a mask and a shift and never
-interleaves.
+interleaves. int4 value groups lie within one half (value_group divides D/2) or are the whole
+head (value_group = D: one scale per token, shared by both halves of a byte).
 
 The kernel runs the split-KV online softmax of pallas_kernels.gpu.decode. The key scales are
-folded into the queries outside the kernel, once per key group (`query_operands`: q * scale,
-quantised to int8 per row on the int8 path), so the key codes go to the tensor cores as stored
-and the kernel does no per-group work; the value scales are folded into the probabilities.
+folded into the queries once per key group (q * scale, quantised to int8 per row on the int8
+path), so the key codes go to the tensor cores as stored: for int8 keys on int8 dots inside
+the kernel (`_folded_query`), otherwise outside it (`query_operands`, which is also the
+reference for the in-kernel fold). The value scales are folded into the probabilities.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gpu.decode import (default_num_splits, finish, merge_splits, pack_queries,
+from pallas_kernels.gpu.decode import (NUM_SMS, default_num_splits, finish, merge_splits, pack_queries,
                                        pick_block_k, query_positions, split_range, unpack_rows,
                                        validate_decode_args)
 
@@ -72,6 +74,13 @@ class QuantizedKV(NamedTuple):
 def _check_bits(bits):
   if bits not in (4, 8):
     raise ValueError(f"bits must be 4 or 8; got {bits}")
+
+
+def value_group_fits(head_dim: int, bits: int, group: int) -> bool:
+  """Value groups divide D; for int4 they also lie within one nibble half or span all of D."""
+  if bits == 8:
+    return head_dim % group == 0
+  return group == head_dim or (head_dim // 2) % group == 0
 
 
 def _quantize_groups(x, axis: int, bits: int, scale_dtype):
@@ -119,8 +128,9 @@ def quantize_values(v, *, bits: int, group_size: int, scale_dtype=jnp.float16):
   """v [B, C, H, D] -> channel-major codes [B, H, D*bits/8, C]; scale, zero [B, H, D/group_size, C]."""
   _check_bits(bits)
   b, c, h, d = v.shape
-  if d % group_size or (bits == 4 and (d // 2) % group_size):
-    raise ValueError(f"value group_size={group_size} must divide head_dim {d} (and D/2 for int4)")
+  if not value_group_fits(d, bits, group_size):
+    raise ValueError(f"value group_size={group_size} must divide head_dim {d}"
+                     + (f" / 2 or equal it (int4)" if bits == 4 else ""))
   codes, scale, zero = _quantize_groups(v.reshape(b, c, h, d // group_size, group_size), 4, bits,
                                         scale_dtype)
   codes = codes.reshape(b, c, h, d)
@@ -177,7 +187,8 @@ def _int32_to_f32(x):
 
 
 def _round_to_int8(x):
-  """float32 x in [0, 127] -> int8 round(x), without a conversion instruction."""
+  """float32 x in [-127, 127] -> int8 round(x), without a conversion instruction (the low byte
+  of 0x4B400000 + round(x) is round(x) in two's complement)."""
   return lax.bitcast_convert_type(x + _F32_MAGIC, jnp.int32).astype(jnp.int8)
 
 
@@ -228,9 +239,9 @@ def query_operands(qp, kv: QuantizedKV, n: int, scale: float, mode: str):
   rows = qp.shape[2]
   q = qp[:, :, :n].astype(jnp.float32)                                   # [B, Hkv, n, D]
   ks = jnp.moveaxis(kv.k_scale.astype(jnp.float32), 2, 1)[:, :, :, None]  # [B, Hkv, G, 1, D]
-  kz = jnp.moveaxis(kv.k_zero.astype(jnp.float32), 2, 1)
+  kz = jnp.moveaxis(kv.k_zero.astype(jnp.float32), 2, 1)                 # [B, Hkv, G, D]
   qk = q[:, :, None] * ks                                                 # [B, Hkv, G, n, D]
-  bias = jnp.einsum("bhnd,bhgd->bhgn", q, kz, precision=lax.Precision.HIGHEST)
+  bias = jnp.sum(q[:, :, None] * kz[:, :, :, None], axis=-1)             # [B, Hkv, G, n]
   row_scale = jnp.ones(bias.shape, jnp.float32)
   if mode == "int8":
     amax = jnp.max(jnp.abs(qk), axis=-1)
@@ -249,13 +260,29 @@ def query_operands(qp, kv: QuantizedKV, n: int, scale: float, mode: str):
   return flat(operand, ((0, 0),)), flat(row_scale * c, ()), flat(bias * c, ())
 
 
-def _quant_decode_kernel(len_ref, q_ref, qs_ref, qb_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_ref,
-                         lse_ref, *, block_k, num_splits, n, group, q_len, bits, key_group,
-                         value_group, mode, interpret):
+def _folded_query(q, ks_ref, kz_ref, g):
+  """In-kernel int8 query operand of key group g (int8 keys; what query_operands computes outside).
+
+  q: float32 [rows, D], times scale * log2 e; ks_ref, kz_ref [G, D]. Returns the int8
+  operand [rows, D], row_scale and row_bias float32 [rows]."""
+  qk = q * ks_ref[g, :].astype(jnp.float32)[None, :]
+  amax = jnp.max(jnp.abs(qk), axis=1)
+  operand = _round_to_int8(qk * jnp.where(amax > 0, 127.0 / amax, 0.0)[:, None])
+  bias = jnp.sum(q * kz_ref[g, :].astype(jnp.float32)[None, :], axis=1)
+  return operand, amax * (1 / 127.0), bias
+
+
+def _quant_decode_kernel(len_ref, *refs, scale, block_k, num_splits, n, group, q_len, bits,
+                         key_group, value_group, mode, fold_inside, interpret):
+  if fold_inside:
+    q_ref, ks_ref, kz_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_ref, lse_ref = refs
+  else:
+    q_ref, qs_ref, qb_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_ref, lse_ref = refs
   b, split = pl.program_id(0), pl.program_id(2)
   rows, head_dim = o_ref.shape
   parts = 8 // bits                       # nibbles per byte
   width = head_dim // parts               # channels per part = bytes per row
+  chunk = min(value_group, width)         # value channels per p @ v dot
   length = len_ref[b]
   qpos = query_positions(length, rows, group, q_len)
   total = jnp.minimum((length + block_k - 1) // block_k, kc_ref.shape[0] // block_k)
@@ -263,18 +290,24 @@ def _quant_decode_kernel(len_ref, q_ref, qs_ref, qb_ref, kc_ref, vc_ref, vs_ref,
   # Tiles wholly at or before the first new query's position are seen by every query: no mask.
   unmasked_end = jnp.clip((length - q_len + 1) // block_k, lo, hi)
   f32 = lambda x: x.astype(jnp.float32)
+  if fold_inside:
+    q = q_ref[...].astype(jnp.float32) * (scale * _LOG2E)    # base-2 logits
 
   def body(masked, i, carry):
     acc, m, l = carry
     start = pl.multiple_of(i * block_k, block_k)
-    r0 = (start // key_group) * n                          # this key group's query rows
     raw_k = kc_ref[pl.ds(start, block_k), :]               # [bk, width] int8
+    if fold_inside:
+      operand, row_scale, row_bias = _folded_query(q, ks_ref, kz_ref, start // key_group)
+      ops = [operand]
+    else:
+      r0 = (start // key_group) * n                        # this key group's query rows
+      ops = [q_ref[pl.ds(r0, rows), pl.ds(p * width, width)] for p in range(parts)]
+      row_scale, row_bias = qs_ref[pl.ds(r0, rows)], qb_ref[pl.ds(r0, rows)]
     s = None
     for p in range(parts):
-      sp = plgpu.dot(q_ref[pl.ds(r0, rows), pl.ds(p * width, width)],
-                     _code_operand(raw_k, bits, p, mode, interpret), trans_b=True)
+      sp = plgpu.dot(ops[p], _code_operand(raw_k, bits, p, mode, interpret), trans_b=True)
       s = sp if s is None else s + sp
-    row_scale, row_bias = qs_ref[pl.ds(r0, rows)], qb_ref[pl.ds(r0, rows)]
     if mode == "int8":
       row_bias = row_bias - _F32_MAGIC * row_scale
       s = _int32_to_f32(s)
@@ -301,36 +334,45 @@ def _quant_decode_kernel(len_ref, q_ref, qs_ref, qb_ref, kc_ref, vc_ref, vs_ref,
       l = alpha * l + pr.sum(axis=-1)
 
     # v = code * vs + vz per token (per channel group): p @ v = (p * vs) @ code + p . vz.
+    # The scaled probabilities of a channel group are made once, also when (int4, one group per
+    # token) both nibble halves of a byte share it.
+    scaled = {}
+
+    def scaled_p(col):
+      if col in scaled:
+        return scaled[col]
+      vs = f32(vs_ref[col, pl.ds(start, block_k)])
+      vz = f32(vz_ref[col, pl.ds(start, block_k)])
+      if masked:        # slots past the length may hold anything; keep them out of vmax and p . vz
+        written = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0) < length
+        vs, vz = jnp.where(written, vs, 0.0), jnp.where(written, vz, 0.0)
+      corr = jnp.sum(pr * vz[None, :], axis=1)
+      if mode == "int8":
+        # pr * vs / max(vs) <= 1: one int8 scale for the tile, no per-row reduction.
+        vmax = jnp.maximum(jnp.max(vs), 1e-30)
+        pv = _round_to_int8(pr * (vs * (127.0 / vmax))[None, :])
+        unit = vmax / (127.0 if bits == 8 else 127.0 * 16)    # int4 operands are 16 * code
+        o_scale, o_bias = unit * row_factor, (corr - _F32_MAGIC * unit) * row_factor
+      elif mode == "float16":
+        pv = (pr * vs[None, :]).astype(jnp.float16)
+        o_scale, o_bias = None, corr - _fp16_code_offset(bits) * jnp.sum(f32(pv), axis=1)
+      else:
+        pv, o_scale, o_bias = pr * vs[None, :], None, corr
+      scaled[col] = pv, o_scale, o_bias
+      return scaled[col]
+
     outs = list(acc)
-    for gi in range(width // value_group):                 # byte groups
-      raw_v = vc_ref[pl.ds(gi * value_group, value_group), pl.ds(start, block_k)]   # [vg, bk]
+    for gi in range(width // chunk):                       # byte chunks of one row
+      raw_v = vc_ref[pl.ds(gi * chunk, chunk), pl.ds(start, block_k)]   # [chunk, bk]
       for p in range(parts):
-        col = p * (width // value_group) + gi              # channel group index
-        vs = f32(vs_ref[col, pl.ds(start, block_k)])
-        vz = f32(vz_ref[col, pl.ds(start, block_k)])
-        if masked:      # slots past the length may hold anything; keep them out of vmax and p . vz
-          written = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0) < length
-          vs, vz = jnp.where(written, vs, 0.0), jnp.where(written, vz, 0.0)
-        codes = _code_operand(raw_v, bits, p, mode, interpret)
-        corr = jnp.sum(pr * vz[None, :], axis=1)
-        if mode == "int8":
-          # pr * vs / max(vs) <= 1: one int8 scale for the tile, no per-row reduction.
-          vmax = jnp.maximum(jnp.max(vs), 1e-30)
-          pi = _round_to_int8(pr * (vs * (127.0 / vmax))[None, :])
-          unit = vmax / (127.0 if bits == 8 else 127.0 * 16)    # int4 operands are 16 * code
-          o_scale = unit * row_factor
-          o_bias = (corr - _F32_MAGIC * unit) * row_factor
-          o = _int32_to_f32(plgpu.dot(pi, codes, trans_b=True)) * o_scale[:, None] + o_bias[:, None]
-        elif mode == "float16":
-          ph = (pr * vs[None, :]).astype(jnp.float16)
-          o = plgpu.dot(ph, codes, trans_b=True) + (
-              corr - _fp16_code_offset(bits) * jnp.sum(f32(ph), axis=1))[:, None]
-        else:
-          o = plgpu.dot(pr * vs[None, :], codes, trans_b=True) + corr[:, None]
-        outs[col] = alpha[:, None] * outs[col] + o
+        c = p * (width // chunk) + gi                      # output channels c*chunk ...
+        pv, o_scale, o_bias = scaled_p(c * chunk // value_group)
+        o = plgpu.dot(pv, _code_operand(raw_v, bits, p, mode, interpret), trans_b=True)
+        o = _int32_to_f32(o) * o_scale[:, None] if mode == "int8" else o
+        outs[c] = alpha[:, None] * outs[c] + (o + o_bias[:, None])
     return tuple(outs), m_new, l
 
-  acc = tuple(jnp.zeros((rows, value_group), jnp.float32) for _ in range(head_dim // value_group))
+  acc = tuple(jnp.zeros((rows, chunk), jnp.float32) for _ in range(head_dim // chunk))
   carry = (acc, jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32))
   carry = lax.fori_loop(lo, unmasked_end, functools.partial(body, False), carry)
   acc, m, l = lax.fori_loop(unmasked_end, hi, functools.partial(body, True), carry)
@@ -349,8 +391,9 @@ def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | No
 
   Same contract as pallas_kernels.gpu.decode.decode_attention; block_k must divide the key
   group (default min(128, key_group)) and be at most 256. Scales and zeros are used as float16.
-  Defaults are the fastest configuration measured at B8 Hq32 Hkv8 D128 (BENCHMARKS.md run 8):
-  block_k 128, about 8 programs per SM (17 splits at B8 Hkv8; 16 were measured), 2 warps with
+  Defaults are the fastest configuration measured at B8 Hq32 Hkv8 D128 (BENCHMARKS.md runs 8-9):
+  block_k 128; int8 keys on int8 dots one wave of 3 programs per SM (6 splits at B8 Hkv8),
+  otherwise about 8 programs per SM (17 splits at B8 Hkv8; 16 were measured); 2 warps with
   int8 dots, else 4.
   Dots: float32 queries take exact float32 dots. 16-bit queries take float16 dots of the codes
   (made exact in float16), or with int8_mma int8 tensor-core dots: q * k_scale quantised to
@@ -367,8 +410,9 @@ def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | No
   validate_decode_args(q, jax.ShapeDtypeStruct((batch, capacity, kv_heads, head_dim), q.dtype),
                        jax.ShapeDtypeStruct((batch, capacity, kv_heads, head_dim), q.dtype), lengths)
   bits, key_group, value_group = kv.bits, kv.key_group, kv.value_group
-  if value_group < 16 or (head_dim // (8 // bits)) % value_group:
-    raise ValueError(f"value_group={value_group} must be >= 16 and divide {head_dim // (8 // bits)}")
+  if value_group < 16 or not value_group_fits(head_dim, bits, value_group):
+    raise ValueError(f"value_group={value_group} must be >= 16 and divide head_dim {head_dim}"
+                     + (f" / 2 or equal it (int4)" if bits == 4 else ""))
   mode = "float32" if q.dtype == jnp.float32 else ("int8" if int8_mma else "float16")
   bk = block_k or pick_block_k(key_group)
   if mode == "int8" and head_dim > 256:
@@ -377,21 +421,33 @@ def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | No
     raise ValueError(f"block_k={bk} must divide key_group={key_group} and capacity={capacity} "
                      f"and be at most 256")
   scale = head_dim ** -0.5 if scale is None else scale
-  splits = num_splits or default_num_splits(batch, kv_heads, capacity // bk, waves=8)
+  per_head = lambda x: pl.BlockSpec((None, None) + x.shape[2:], lambda b, h, j: (b, h) + (0,) * (x.ndim - 2))
+  # int8 keys with int8 dots fold the key scales into the queries inside the kernel, one full
+  # wave of 3 programs per SM; the other paths fold outside, ~8 programs per SM (BENCHMARKS.md
+  # run 9: for int4 the in-kernel fold, done per nibble half, lost 15-45 %).
+  fold_inside = mode == "int8" and bits == 8
+  if fold_inside:
+    splits = num_splits or max(1, min(3 * NUM_SMS // (batch * kv_heads), capacity // bk))
+  else:
+    splits = num_splits or default_num_splits(batch, kv_heads, capacity // bk, waves=8)
   num_warps = num_warps or (2 if mode == "int8" else 4)
   qp, rows = pack_queries(q, kv_heads)
   n = q_len * (q_heads // kv_heads)
-  operand, row_scale, row_bias = query_operands(qp, kv, n, scale, mode)
+  if fold_inside:
+    query_args = (qp, kv.k_scale, kv.k_zero)
+    per_group = pl.BlockSpec((None, kv.k_scale.shape[1], None, head_dim), lambda b, h, j: (b, 0, h, 0))
+    query_specs = [per_head(query_args[0]), per_group, per_group]
+  else:
+    query_args = query_operands(qp, kv, n, scale, mode)
+    query_specs = [per_head(x) for x in query_args]
   kernel = functools.partial(
-      _quant_decode_kernel, block_k=bk, num_splits=splits, n=n, group=q_heads // kv_heads,
+      _quant_decode_kernel, scale=scale, block_k=bk, num_splits=splits, n=n, group=q_heads // kv_heads,
       q_len=q_len, bits=bits, key_group=key_group, value_group=value_group, mode=mode,
-      interpret=interpret)
-  per_head = lambda x: pl.BlockSpec((None, None) + x.shape[2:], lambda b, h, j: (b, h) + (0,) * (x.ndim - 2))
+      fold_inside=fold_inside, interpret=interpret)
   o, lse = pl.pallas_call(
       kernel,
       grid=(batch, kv_heads, splits),
-      in_specs=[pl.BlockSpec(lengths.shape, lambda b, h, j: (0,)),
-                per_head(operand), per_head(row_scale), per_head(row_bias),
+      in_specs=[pl.BlockSpec(lengths.shape, lambda b, h, j: (0,)), *query_specs,
                 pl.BlockSpec((None, capacity, None, kv.k_codes.shape[3]), lambda b, h, j: (b, 0, h, 0)),
                 per_head(kv.v_codes), per_head(kv.v_scale), per_head(kv.v_zero)],
       out_specs=[pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, j: (b, h, j, 0, 0)),
@@ -401,8 +457,7 @@ def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | No
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name=f"lcjax_int{bits}_decode",
-  )(lengths.astype(jnp.int32), operand, row_scale, row_bias, kv.k_codes, kv.v_codes, kv.v_scale,
-    kv.v_zero)
+  )(lengths.astype(jnp.int32), *query_args, kv.k_codes, kv.v_codes, kv.v_scale, kv.v_zero)
   out, lse = merge_splits(o[..., :n, :], lse[..., :n])    # drop the padding rows first
   out = unpack_rows(out, q_len, q_heads).astype(q.dtype)
   if return_lse:
