@@ -241,7 +241,7 @@ def query_operands(qp, kv: QuantizedKV, n: int, scale: float, mode: str):
   ks = jnp.moveaxis(kv.k_scale.astype(jnp.float32), 2, 1)[:, :, :, None]  # [B, Hkv, G, 1, D]
   kz = jnp.moveaxis(kv.k_zero.astype(jnp.float32), 2, 1)                 # [B, Hkv, G, D]
   qk = q[:, :, None] * ks                                                 # [B, Hkv, G, n, D]
-  bias = jnp.sum(q[:, :, None] * kz[:, :, :, None], axis=-1)             # [B, Hkv, G, n]
+  bias = jnp.einsum("bhnd,bhgd->bhgn", q, kz, precision=lax.Precision.HIGHEST)
   row_scale = jnp.ones(bias.shape, jnp.float32)
   if mode == "int8":
     amax = jnp.max(jnp.abs(qk), axis=-1)
