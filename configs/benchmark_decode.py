@@ -13,6 +13,9 @@ CONFIG = dict(
     quant_sweep=((128, 6, 2, 3, True), (128, 16, 2, 3, True), (128, 16, 4, 3, True),
                  (128, 16, 4, 3, False)),
     key_group=128, value_groups=(128, 64),   # int4: groups within one nibble half, or all of D
+    # (bits, value_group) of the KIVIKernelCache decode steps timed through the cache API
+    # (key group = key_group), beside DenseKVCache; () skips them.
+    kivi_caches=((8, 128), (4, 128)), kivi_residual=128,
     sparse_fractions=(0.125, 0.25), sparse_block=128,
     # (block_k, num_splits, num_warps, num_stages) for the block-sparse kernel; best one reported.
     sparse_sweep=((64, 2, 4, 4), (128, 2, 4, 3), (128, 2, 4, 4), (64, 4, 4, 4), (128, 4, 4, 3)),

@@ -3,7 +3,8 @@
   PYTHONPATH=. python3 -m experiments.benchmark_decode --config configs/benchmark_decode.py \
       [--config.lengths=32768,131072] [--config.iters=30]
 
-Needs only jax and numpy (runs on the GPU machine without lcjax's other dependencies). Prints one
+Needs only jax, numpy and lcjax's attention / cache modules (runs on the GPU machine without
+lcjax's other dependencies). Prints one
 table: time per call, GB/s of cache bytes read once, ratios against cuDNN measured in the same run.
 Writes a JSONL record per measurement under $OUT (or config.log_dir).
 """
@@ -11,6 +12,7 @@ Writes a JSONL record per measurement under $OUT (or config.log_dir).
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import os
 import runpy
@@ -21,6 +23,11 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lcjax.cache.base import tree_bytes
+from lcjax.cache.dense import DenseKVCache
+from lcjax.cache.kivi_kernel import KIVIKernelCache
+from pallas_kernels.gpu import decode, decode_quant
 
 
 def load_config(argv):
@@ -59,6 +66,20 @@ def time_fn(fn, *args, iters=30, repeats=5):
     jax.block_until_ready(out)
     times.append((time.perf_counter() - t0) / iters)
   return float(np.median(times))
+
+
+def filled_kivi_cache(k, v, *, bits, group, value_group, residual):
+  """A KIVIKernelCache holding all of k, v [B, n, Hkv, D] (as if written token by token): every
+  token quantised in the store, the last ring-size tokens also in the full-precision ring."""
+  b, n, hkv, d = k.shape
+  cache = KIVIKernelCache.create(b, n, hkv, d, bits=bits, group_size=group, value_group=value_group,
+                                 residual=residual, dtype=k.dtype)
+  f = cache.k_fp.shape[1]
+  pos = jnp.arange(n - f, n)
+  ring = lambda x: jnp.zeros_like(cache.k_fp).at[:, pos % f].set(x[:, pos])
+  return dataclasses.replace(
+      cache, store=decode_quant.quantize_kv(k, v, bits=bits, key_group=group, value_group=value_group),
+      k_fp=ring(k), v_fp=ring(v), lengths=jnp.full((b,), n, jnp.int32))
 
 
 def time_in_scan(fn, q, *rest, iters=30, repeats=5):
@@ -104,7 +125,6 @@ class Log:
 
 def profile(cfg):
   """One call of the dense kernel and of the int8 / int4 kernels on both dot paths (run under ncu)."""
-  from pallas_kernels.gpu import decode, decode_quant
   b, hq, hkv, d = cfg["batch"], cfg["q_heads"], cfg["kv_heads"], cfg["head_dim"]
   n = cfg["lengths"][0] if isinstance(cfg["lengths"], (tuple, list)) else cfg["lengths"]
   kq, kk, kv = jax.random.split(jax.random.key(0), 3)
@@ -123,7 +143,6 @@ def profile(cfg):
 
 
 def main(argv):
-  from pallas_kernels.gpu import decode, decode_quant
 
   cfg = load_config(argv)
   if cfg["mode"] == "profile":
@@ -232,6 +251,23 @@ def main(argv):
           qbest = (name, t)
       summary.append((n, f"int{bits}", qbest[0], qbest[1], qbytes / qbest[1] / 1e9, results.get("cudnn")))
       del qkv
+
+    # Through the caches' API (what generate's decode step runs): DenseKVCache and KIVIKernelCache.
+    for bits, vg in cfg["kivi_caches"]:
+      cache = filled_kivi_cache(k, v, bits=bits, group=cfg["key_group"], value_group=vg,
+                                residual=cfg["kivi_residual"])
+      name = f"KIVIKernelCache int{bits} vg{vg} residual {cfg['kivi_residual']}"
+      f = jax.jit(lambda q, c: c.attend(q))
+      err = rel_err(f(q, cache), cache.attend(q.astype(jnp.float32), implementation="xla"))
+      t = time_in_scan(f, q, cache, **timing)
+      log.add(n=n, impl=name, ms=t * 1e3, err=err)
+      summary.append((n, "cache API", name, t, tree_bytes(cache) / t / 1e9, results.get("cudnn")))
+      del cache
+    if cfg["kivi_caches"]:
+      dense = DenseKVCache(k, v, lengths)
+      t = time_in_scan(jax.jit(lambda q, c: c.attend(q)), q, dense, **timing)
+      log.add(n=n, impl="DenseKVCache", ms=t * 1e3)
+      summary.append((n, "cache API", "DenseKVCache", t, gbps(t), results.get("cudnn")))
 
     # Block-sparse: random selected key blocks per (batch, kv head).
     nb = n // cfg["sparse_block"]

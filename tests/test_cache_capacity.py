@@ -83,7 +83,8 @@ def test_budget_above_the_capacity_is_clamped_and_keeps_everything():
 CFG = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=512)
 LOSSLESS = {"h2o": dict(budget=32, window=2), "streaming": dict(budget=32, sinks=2),
             "snapkv": dict(budget=32, obs_window=2), "quest": dict(block_size=2, top_blocks=16),
-            "razor": dict(retrieval_heads=((0, 1), (0, 1)))}
+            "razor": dict(retrieval_heads=((0, 1), (0, 1))),
+            "kivi_kernel": dict(group_size=2, residual=32)}      # residual > capacity: nothing quantised
 
 
 def _caches(policy, batch, capacity, chunk, **kw):

@@ -79,3 +79,23 @@ def test_quantized_decode_matches_dequantized_reference(bits, value_group, int8_
   # float16 dots of exact codes: bf16-level error. int8 dots also quantise q * k_scale and p to
   # int8 (about 1 % on random normal data; int4 with one value scale per token about 2 %).
   assert err < (3e-2 if int8_mma else 5e-3), err
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("int8_dots", [False, True])
+def test_kivi_kernel_cache_decode_step(bits, int8_dots):
+  """KIVIKernelCache written in ragged chunks, then one decode step: quantised part on the kernel,
+  full-precision ring on XLA, merged; against the cache's own XLA path in float32."""
+  from lcjax.cache import KIVIKernelCache
+  q, k, v = _inputs(10 + bits)
+  lengths = np.array([5000, 3100, 129, 1])
+  cache = KIVIKernelCache.create(BATCH, CAPACITY, KV_HEADS, HEAD_DIM, bits=bits, group_size=128,
+                                 value_group=128, residual=128, max_chunk=1024, int8_dots=int8_dots,
+                                 dtype=jnp.bfloat16)
+  update = jax.jit(lambda c, a, b, n: c.update(a, b, num_new=n))
+  for s in range(0, 5000, 1000):
+    cache = update(cache, k[:, s:s + 1000], v[:, s:s + 1000], jnp.asarray(np.clip(lengths - s, 0, 1000)))
+  assert cache.kernel_unsupported_reason(q) is None
+  out = jax.jit(lambda c, q: c.attend(q))(cache, q)
+  err = _rel(out, cache.attend(q.astype(jnp.float32), implementation="xla"))
+  assert err < (3e-2 if int8_dots else 5e-3), err

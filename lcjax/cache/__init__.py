@@ -7,6 +7,7 @@ from lcjax.cache.cross_layer import cla_owner, cla_owners
 from lcjax.cache.evicting import EvictingKVCache, EvictionPolicy
 from lcjax.cache.h2o import H2OPolicy
 from lcjax.cache.kivi import KIVIKVCache
+from lcjax.cache.kivi_kernel import KIVIKernelCache
 from lcjax.cache.landmark import LandmarkKVCache
 from lcjax.cache.linear_state import LinearStateCache
 from lcjax.cache.merging import MergingKVCache

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 POLICIES = ("dense", "window", "streaming", "h2o", "tova", "snapkv", "pyramidkv", "razor", "think",
-            "kivi", "gear", "mikv", "merge", "quest", "landmark", "linear", "minicache")
+            "kivi", "kivi_kernel", "gear", "mikv", "merge", "quest", "landmark", "linear", "minicache")
 SCHEDULES = ("uniform", "pyramid")
 
 
@@ -33,6 +33,10 @@ class CacheConfig:
     retrieval_heads: RazorAttention, per layer the KV heads that keep everything.
     bits, group_size, residual, rank: KIVI / GEAR / MiKV quantization (rank > 0 adds GEAR's
       low-rank residual; policy "gear" with rank 0 uses rank 2).
+    value_group, int8_dots: "kivi_kernel" (KIVI int8 / int4 in the quantised decode kernel's
+      layout): channels per value scale (None: group_size; int4 needs a divisor of head_dim / 2
+      or head_dim itself, the fastest), and whether the kernel uses int8 tensor-core dots (fast,
+      ~1 % error against the dequantised cache) or float16 dots (~0.4 %, about bf16 dense speed).
     channel_keep: ThinK, fraction of key channels kept.
     merge_threshold: KV merging, cosine similarity above which a key joins the previous slot.
     block_size, top_blocks: Quest / landmark retrieval (tokens per block, blocks read per step).
@@ -65,6 +69,8 @@ class CacheConfig:
   group_size: int = 32
   residual: int = 32
   rank: int = 0
+  value_group: int | None = None
+  int8_dots: bool = True
   channel_keep: float = 0.5
   merge_threshold: float = 0.9
   block_size: int = 16

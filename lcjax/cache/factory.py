@@ -21,6 +21,7 @@ from lcjax.cache.dense import DenseKVCache
 from lcjax.cache.evicting import EvictingKVCache
 from lcjax.cache.h2o import H2OPolicy
 from lcjax.cache.kivi import KIVIKVCache
+from lcjax.cache.kivi_kernel import KIVIKernelCache
 from lcjax.cache.landmark import LandmarkKVCache
 from lcjax.cache.linear_state import LinearStateCache
 from lcjax.cache.merging import MergingKVCache
@@ -81,6 +82,10 @@ def make_cache(cfg: CacheConfig, layer: int, *, num_layers: int, kv_heads: int, 
     rank = cfg.rank if (cfg.rank or p == "kivi") else 2
     return KIVIKVCache.create(batch, capacity, kv_heads, head_dim, bits=cfg.bits, group_size=cfg.group_size,
                               residual=cfg.residual, rank=rank, **chunk, **common)
+  if p == "kivi_kernel":
+    return KIVIKernelCache.create(batch, capacity, kv_heads, head_dim, bits=cfg.bits, group_size=cfg.group_size,
+                                  value_group=cfg.value_group, residual=cfg.residual,
+                                  int8_dots=cfg.int8_dots, **chunk, **common)
   if p == "mikv":
     return MiKVCache.create(batch, capacity, kv_heads, head_dim, budget=budget, window=cfg.window, bits=cfg.bits,
                             group_size=cfg.group_size, **chunk, **common)
