@@ -2,6 +2,7 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -216,3 +217,47 @@ def test_generate_with_mesh_places_caches_by_the_rules_and_matches_one_device():
   got = generate(params, MODEL, prompts, lengths, 5, caches=caches, mesh=mesh, return_caches=True, **kw)
   np.testing.assert_array_equal(got["tokens"], want["tokens"])
   assert got["caches"][0].kmax.sharding.spec == P(("data", "fsdp"), None, None, None)
+
+
+@needs_8
+@pytest.mark.parametrize("cache_kind", ["dense", "sparse", "int8"])
+def test_decode_kernels_run_per_shard_under_a_mesh(cache_kind):
+  """Under jax.set_mesh the decode kernels run inside a shard_map over (batch, KV heads): the
+  same output as on one device, left sharded like q, and no all-gather of the cache (a Pallas
+  call is one custom call that XLA cannot partition: without the shard_map it gathers)."""
+  from jax.sharding import NamedSharding
+  from lcjax.attention import decode_backend
+  from lcjax.attention.layout import BlockLayout
+  b, c, hq, hkv, d = 4, 64, 8, 2, 16
+  kq, kk, kv = jax.random.split(jax.random.key(7), 3)
+  q = jax.random.normal(kq, (b, 1, hq, d))
+  k, v = jax.random.normal(kk, (b, c, hkv, d)), jax.random.normal(kv, (b, c, hkv, d))
+  lengths = jnp.array([64, 30, 5, 1], jnp.int32)
+  opts = dict(implementation="pallas", return_lse=True, block_k=16, num_splits=2)
+  if cache_kind == "int8":
+    cache = decode_backend.quantize_kv(k, v, bits=8, key_group=16, value_group=16)
+    attend = lambda q, cache, l: decode_backend.quantized_decode_attend(q, cache, l, **opts)
+  else:
+    layout = None
+    if cache_kind == "sparse":   # one list per query head: key blocks 0 and 2 of 4
+      visible = np.broadcast_to(np.array([True, False, True, False]), (b, hq, 1, 4))
+      layout = BlockLayout.from_block_mask(visible, block_q=16, block_kv=16, q_len=1, kv_len=c)
+    cache = (k, v)
+    attend = lambda q, cache, l: decode_backend.decode_attend(q, *cache, l, layout=layout, **opts)
+  want_out, want_lse = attend(q, cache, lengths)
+  mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  put = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"), *spec)))
+  heads = lambda x, axis: put(x, *[("tensor" if i == axis else None) for i in range(1, x.ndim)])
+  if cache_kind == "int8":
+    sharded = type(cache)(*(heads(x, 2 if i < 3 else 1) for i, x in enumerate(cache)))
+  else:
+    sharded = tuple(heads(x, 2) for x in cache)
+  f = jax.jit(attend)
+  with jax.set_mesh(mesh):
+    args = (heads(q, 2), sharded, put(lengths))
+    out, lse = f(*args)
+    hlo = f.lower(*args).compile().as_text()
+  np.testing.assert_allclose(out, want_out, atol=1e-6)
+  np.testing.assert_allclose(lse, want_lse, atol=1e-6)
+  assert out.sharding.spec == P(("data", "fsdp"), None, "tensor", None)
+  assert "all-gather" not in hlo

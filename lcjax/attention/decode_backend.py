@@ -11,6 +11,9 @@ fallback), or "auto" (Pallas on a GPU backend, else XLA).
   linear_attention(q, k, v, log_decay)                chunked causal linear attention (prefill)
   linear_attention_decode_step(state, q, k, v, log_decay)  recurrent step on a linear state
 
+Under a mesh (`jax.set_mesh`, as generate(mesh=) runs) the kernels run inside a shard_map over
+(batch, KV heads), split as the sharding rules split "batch" and "kv_heads" (_on_mesh_shards).
+
 Conventions as in lcjax.cache.base: q [B, T, Hq, D] are the last T tokens written, at positions
 lengths - T .. lengths - 1; k, v [B, C, Hkv, D]; lengths int32 [B]. Each query sees the keys at
 or before its own position (causal among the T new tokens) and below lengths.
@@ -18,19 +21,28 @@ or before its own position (causal among the T new tokens) and below lengths.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from lcjax.attention import linear_reference
 from lcjax.attention.layout import BlockLayout
 from lcjax.attention.masks import causal
 from lcjax.attention.reference import attention_reference
+from lcjax.sharding.rules import active_mesh, logical_to_spec
 from pallas_kernels.gpu import decode as decode_kernels
 from pallas_kernels.gpu import decode_quant
 from pallas_kernels.gpu import linear as linear_kernels
 from pallas_kernels.gpu.decode_quant import QuantizedKV, dequantize_kv, quantize_kv  # noqa: F401
 
 IMPLEMENTATIONS = ("auto", "pallas", "xla")
+
+# Head axis of each kernel operand (batch is always axis 0): q, out [B, T, Hq, D]; k, v
+# [B, C, Hkv, D]; lse [B, Hq, T]; block lists [B, H, n] / [B, H]; QuantizedKV's key arrays
+# [B, C(/G), Hkv, ...] and channel-major value arrays [B, Hkv, ..., C]; lengths [B] have none.
+_QKV_HEAD_AXES = QuantizedKV(2, 2, 2, 1, 1, 1)
 
 
 # The decode kernels pack the T x G query rows of a KV head into one tile: a few tokens only.
@@ -66,6 +78,36 @@ def decode_unsupported_reason(q, k, v, block_size: int | None = None) -> str | N
   if block_size is not None and block_size % 16:
     return f"block_size {block_size} must be a multiple of 16"
   return None
+
+
+def _on_mesh_shards(fn, args, head_axes, out_head_axes, batch: int, kv_heads: int):
+  """fn(*args), run per (batch, KV head) shard under jax.shard_map when a mesh is active.
+
+  A Pallas kernel is one custom call that XLA cannot partition: under a sharded jit (generate
+  with a mesh) it would gather the whole cache onto every device. Decode is independent per
+  (sequence, KV head), so each device runs the kernel on its own shard instead: batch split as
+  the rules split "batch", heads as they split "kv_heads" (the query heads of a KV head, and
+  per-query-head block lists, go with it). head_axes / out_head_axes: per argument / output the
+  axis holding heads (None: no head axis), pytrees matching args / fn's outputs. Without an
+  active mesh: fn(*args).
+  """
+  mesh = active_mesh()
+  if mesh is None:
+    return fn(*args)
+  batch_spec, head_spec = logical_to_spec(("batch", "kv_heads"), mesh, (batch, kv_heads))
+
+  def specs(x, head_axis):
+    if isinstance(head_axis, tuple):                # a tuple / NamedTuple of arrays
+      parts = [specs(xx, h) for xx, h in zip(x, head_axis)]
+      return type(head_axis)(*parts) if hasattr(head_axis, "_fields") else tuple(parts)
+    dims = [batch_spec] + [None] * (x.ndim - 1)
+    if head_axis is not None:
+      dims[head_axis] = head_spec
+    return P(*dims)
+
+  in_specs = specs(args, head_axes)
+  out_specs = specs(jax.eval_shape(fn, *args), out_head_axes)
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
 
 def layout_block_lists(layout: BlockLayout, batch: int, q_heads: int, kv_heads: int, capacity: int):
@@ -105,12 +147,14 @@ def decode_attend(q, k, v, lengths, *, layout: BlockLayout | None = None, scale:
   lengths = jnp.asarray(lengths, jnp.int32)
   use_pallas, interpret = _use_pallas(implementation, interpret)
   if use_pallas:
-    args = ()
+    lists = ()
     if layout is not None:
-      args = layout_block_lists(layout, q.shape[0], q.shape[2], k.shape[2], k.shape[1])
+      lists = layout_block_lists(layout, q.shape[0], q.shape[2], k.shape[2], k.shape[1])
       kernel_options = dict(kernel_options, block_size=layout.block_kv)
-    return decode_kernels.decode_attention(q, k, v, lengths, *args, scale=scale, interpret=interpret,
-                                           return_lse=return_lse, **kernel_options)
+    kernel = functools.partial(decode_kernels.decode_attention, scale=scale, interpret=interpret,
+                               return_lse=return_lse, **kernel_options)
+    return _on_mesh_shards(kernel, (q, k, v, lengths, *lists), (2, 2, 2, None) + (1,) * len(lists),
+                           (2, 1) if return_lse else 2, q.shape[0], k.shape[2])
   return attention_reference(q, k, v, mask=causal(), layout=layout, scale=scale,
                              q_offset=lengths - q.shape[1], kv_valid_len=lengths, return_lse=return_lse)
 
@@ -127,8 +171,10 @@ def quantized_decode_attend(q, kv: QuantizedKV, lengths, *, scale: float | None 
   lengths = jnp.asarray(lengths, jnp.int32)
   use_pallas, interpret = _use_pallas(implementation, interpret)
   if use_pallas:
-    return decode_quant.quantized_decode_attention(q, kv, lengths, scale=scale, interpret=interpret,
-                                                   return_lse=return_lse, **kernel_options)
+    kernel = functools.partial(decode_quant.quantized_decode_attention, scale=scale,
+                               interpret=interpret, return_lse=return_lse, **kernel_options)
+    return _on_mesh_shards(kernel, (q, kv, lengths), (2, _QKV_HEAD_AXES, None),
+                           (2, 1) if return_lse else 2, q.shape[0], kv.k_codes.shape[2])
   k, v = dequantize_kv(kv, q.dtype)
   return attention_reference(q, k, v, mask=causal(), scale=scale, q_offset=lengths - q.shape[1],
                              kv_valid_len=lengths, return_lse=return_lse)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from lcjax.attention import decode_backend
 from lcjax.attention.reference import attention_reference
-from lcjax.cache.base import tree_bytes
+from lcjax.cache.base import KV_AXES, tree_bytes
 from lcjax.cache.slots import resolve_num_new, slot_visibility
 from pallas_kernels.gpu import decode_quant
 from pallas_kernels.gpu.decode import merge_splits
@@ -203,6 +203,13 @@ class KIVIKernelCache:
     out, _ = merge_splits(jnp.transpose(parts, (0, 3, 2, 1, 4)), jnp.stack([lse_q, lse_r], 2))
     out = jnp.transpose(out, (0, 2, 1, 3)).astype(q.dtype)
     return jnp.where((self.lengths > self.capacity)[:, None, None, None], jnp.nan, out)
+
+  def logical_axes(self) -> "KIVIKernelCache":
+    """This cache's structure with logical axis names in place of its arrays (lcjax.sharding):
+    KV heads split as the decode kernel's shard_map splits them."""
+    keys, values = ("batch", "cache_seq", "kv_heads", None), ("batch", "kv_heads", None, "cache_seq")
+    return dataclasses.replace(self, store=QuantizedKV(keys, keys, keys, values, values, values),
+                               k_fp=KV_AXES, v_fp=KV_AXES, lengths=("batch",))
 
   def memory_bytes(self) -> int:
     """Codes, scales and zeros of the store, the full-precision ring and the lengths."""
