@@ -4,8 +4,8 @@
       [--config.lengths=32768,131072] [--config.iters=30]
 
 Needs only jax, numpy and lcjax's attention / cache modules (runs on the GPU machine without
-lcjax's other dependencies). Prints one
-table: time per call, GB/s of cache bytes read once, ratios against cuDNN measured in the same run.
+lcjax's other dependencies). Prints one table: time per call, GB/s of cache bytes read once,
+ratios against cuDNN measured in the same run.
 Writes a JSONL record per measurement under $OUT (or config.log_dir).
 """
 
@@ -143,7 +143,6 @@ def profile(cfg):
 
 
 def main(argv):
-
   cfg = load_config(argv)
   if cfg["mode"] == "profile":
     return profile(cfg)

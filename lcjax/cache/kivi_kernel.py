@@ -182,10 +182,9 @@ class KIVIKernelCache:
     qb = jnp.minimum(self.quantized_len(self.lengths), jnp.maximum(self.lengths - t, 0))
     if self.kernel_unsupported_reason(q) is not None:
       implementation = "xla"
-    options = dict(int8_mma=self.int8_dots) if decode_backend.uses_kernels(implementation) else {}
     out_q, lse_q = decode_backend.quantized_decode_attend(
         _one_token_view(q, kv_heads), self.store, qb, scale=scale, return_lse=True,
-        implementation=implementation, **options)
+        implementation=implementation, int8_mma=self.int8_dots)
     out_q, lse_q = _from_one_token_view(out_q, t, kv_heads), _from_one_token_view(lse_q, t, kv_heads)
 
     # The ring's slot s holds the latest position p < lengths with p % F == s.
