@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.perplexity_examples = 32
   c.decode_steps = 16                   # timed decode steps per configuration
   # Policies to run, in this order (a ConfigDict iterates its keys sorted); "" = all of them.
-  c.only = "dense,streaming,h2o,snapkv,tova,pyramidkv,razor,kivi,gear,mikv,think,quest,landmark,merge,window"
+  c.only = "dense,streaming,h2o,snapkv,tova,pyramidkv,razor,kivi,kivi_kernel,gear,mikv,think,quest,landmark,merge,window"
   budgets = (16, 32, 64)
   c.policies = dict(
       dense=("policy", ("dense",), dict()),     # the full cache, for reference
@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
       razor=("window", (12, 28, 60), dict(sinks=4, retrieval_heads="detect")),
       think=("channel_keep", (0.25, 0.5, 0.75), dict(obs_window=8)),
       kivi=("bits", (8, 4, 2), dict(group_size=16, residual=16)),
+      kivi_kernel=("bits", (8, 4), dict(group_size=16, residual=16)),
       gear=("bits", (4, 2), dict(group_size=16, residual=16, rank=2)),
       mikv=("budget", budgets, dict(window=8, bits=2, group_size=16)),
       merge=("merge_threshold", (0.95, 0.9, 0.8), dict()),
