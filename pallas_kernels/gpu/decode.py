@@ -45,8 +45,10 @@ def _next_pow2(n: int) -> int:
 
 
 def default_num_splits(batch: int, kv_heads: int, num_blocks: int, waves: int = 4) -> int:
-  """About `waves` programs per SM, never more splits than key blocks."""
-  return int(max(1, min(_cdiv(waves * NUM_SMS, batch * kv_heads), num_blocks)))
+  """At most `waves` programs per SM (rounded down: a few programs past a full wave cost a whole
+  extra wave; 17 splits at B8 Hkv8 were 18-22 % slower than 16 for int4, BENCHMARKS.md run 11),
+  never more splits than key blocks."""
+  return int(max(1, min(waves * NUM_SMS // (batch * kv_heads), num_blocks)))
 
 
 def pick_block_k(capacity: int, preferred: int = 128) -> int:
@@ -205,7 +207,7 @@ def decode_attention(q, k, v, lengths, block_indices=None, block_counts=None, *,
       `block_size` keys (a multiple of the tile).
     scale: logit scale, default D ** -0.5.
     block_k: keys per tile (default the largest of 128, 64, ... dividing C and block_size).
-    num_splits: KV splits per (batch, kv head); default fills the GPU about four times.
+    num_splits: KV splits per (batch, kv head); default at most 8 (dense) or 4 (sparse) programs per SM.
   Returns:
     out [B, T, Hq, D] in q.dtype (zero for queries that see no key), and with return_lse the
     float32 log-sum-exp [B, Hq, T].
@@ -236,7 +238,9 @@ def decode_attention(q, k, v, lengths, block_indices=None, block_counts=None, *,
   # per query head, one query head reading KV head h // group.
   per_query_head = sparse and block_indices.shape[1] == q_heads and q_heads != kv_heads
   prog_heads, kv_of = (q_heads, lambda h: h // group) if per_query_head else (kv_heads, lambda h: h)
-  splits = num_splits or default_num_splits(batch, prog_heads, max_tiles)
+  # Dense: 8 programs per SM (16 splits at B8 Hkv8, the fastest measured at 128k); block-sparse
+  # lists are short, 4.
+  splits = num_splits or default_num_splits(batch, prog_heads, max_tiles, waves=4 if sparse else 8)
 
   qp, rows = pack_queries(q, prog_heads)
   kernel = functools.partial(_decode_kernel, scale=scale, block_k=bk, num_splits=splits,

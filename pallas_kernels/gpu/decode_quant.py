@@ -393,7 +393,7 @@ def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | No
   group (default min(128, key_group)) and be at most 256. Scales and zeros are used as float16.
   Defaults are the fastest configuration measured at B8 Hq32 Hkv8 D128 (BENCHMARKS.md runs 8-9):
   block_k 128; int8 keys on int8 dots one wave of 3 programs per SM (6 splits at B8 Hkv8),
-  otherwise about 8 programs per SM (17 splits at B8 Hkv8; 16 were measured); 2 warps with
+  otherwise at most 8 programs per SM (16 splits at B8 Hkv8); 2 warps with
   int8 dots, else 4.
   Dots: float32 queries take exact float32 dots. 16-bit queries take float16 dots of the codes
   (made exact in float16), or with int8_mma int8 tensor-core dots: q * k_scale quantised to
