@@ -172,6 +172,8 @@ class KIVIKernelCache:
     if q.shape[-1] % 16 or self.group_size % 16 or self.store.value_group < 16:
       return (f"head_dim {q.shape[-1]} and group_size {self.group_size} must be multiples of 16 and "
               f"value_group {self.store.value_group} >= 16")
+    if self.int8_dots and q.dtype != jnp.float32 and q.shape[-1] > 256:
+      return f"int8 dots need head_dim <= 256; got {q.shape[-1]}"
     return None
 
   def attend(self, q, *, scale: float | None = None, implementation: str = "auto"):
