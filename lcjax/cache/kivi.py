@@ -34,6 +34,33 @@ from lcjax.cache.base import tree_bytes
 from lcjax.cache.slots import resolve_num_new
 
 
+def quantized_len(lengths, residual: int, group_size: int):
+  """int32 [B]: KIVI holds positions [0, qb) quantised, qb = whole groups older than `residual`."""
+  return jnp.maximum(lengths - residual, 0) // group_size * group_size
+
+
+def update_ring_then_flush(cache, k_new, v_new, num_new):
+  """The update of a KIVI cache (KIVIKVCache, KIVIKernelCache): writes k_new, v_new [B, T, Hkv, D]
+  (T <= max_chunk) into the full-precision ring k_fp, v_fp (slot = position % ring size), then
+  `cache._flush_group(gi, active)` quantises each token group that left the residual window."""
+  t = k_new.shape[1]
+  if t > cache.max_chunk:
+    raise ValueError(f"update of {t} tokens exceeds max_chunk={cache.max_chunk}; create the cache "
+                     "with max_chunk >= the prefill chunk")
+  num_new = resolve_num_new(cache.lengths, t, num_new)
+  f, g, b = cache.k_fp.shape[1], cache.group_size, k_new.shape[0]
+  p = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+  slot = jnp.where(jnp.arange(t)[None] < num_new[:, None], p % f, f)       # f: dropped
+  rows = jnp.arange(b)[:, None]
+  k_fp = cache.k_fp.at[rows, slot].set(k_new.astype(cache.k_fp.dtype), mode="drop")
+  v_fp = cache.v_fp.at[rows, slot].set(v_new.astype(cache.v_fp.dtype), mode="drop")
+  new = dataclasses.replace(cache, k_fp=k_fp, v_fp=v_fp, lengths=cache.lengths + num_new)
+  first, last = cache.quantized_len(cache.lengths) // g, cache.quantized_len(new.lengths) // g
+  for j in range(-(-cache.max_chunk // g) + 1):      # groups that may complete in one update
+    new = new._flush_group(first + j, first + j < last)
+  return new
+
+
 def low_rank(err, rank: int):
   """Best rank-r factors of err [..., G, D] (float32): (a [..., G, r], b [..., D, r]), err ~ a b^T."""
   u, s, vt = jnp.linalg.svd(err, full_matrices=False)
@@ -92,27 +119,11 @@ class KIVIKVCache:
 
   def quantized_len(self, lengths):
     """int32 [B]: positions [0, qb) are held quantized."""
-    g = self.group_size
-    return jnp.maximum(lengths - self.residual, 0) // g * g
+    return quantized_len(lengths, self.residual, self.group_size)
 
   def update(self, k_new, v_new, *, q=None, num_new=None) -> "KIVIKVCache":
     del q
-    t = k_new.shape[1]
-    if t > self.max_chunk:
-      raise ValueError(f"update of {t} tokens exceeds max_chunk={self.max_chunk}; create the cache "
-                       "with max_chunk >= the prefill chunk")
-    num_new = resolve_num_new(self.lengths, t, num_new)
-    f, g, b = self.k_fp.shape[1], self.group_size, k_new.shape[0]
-    p = self.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
-    slot = jnp.where(jnp.arange(t)[None] < num_new[:, None], p % f, f)       # f: dropped
-    rows = jnp.arange(b)[:, None]
-    k_fp = self.k_fp.at[rows, slot].set(k_new.astype(self.k_fp.dtype), mode="drop")
-    v_fp = self.v_fp.at[rows, slot].set(v_new.astype(self.v_fp.dtype), mode="drop")
-    new = dataclasses.replace(self, k_fp=k_fp, v_fp=v_fp, lengths=self.lengths + num_new)
-    qb0, qb1 = self.quantized_len(self.lengths), self.quantized_len(new.lengths)
-    for j in range(-(-self.max_chunk // g) + 1):      # groups that may complete in one update
-      new = new._flush_group(qb0 // g + j, (qb0 // g + j) < (qb1 // g))
-    return new
+    return update_ring_then_flush(self, k_new, v_new, num_new)
 
   def _flush_group(self, gi, active):
     """Quantizes token group gi (int32 [B]) from the ring into the store where active (bool [B])."""

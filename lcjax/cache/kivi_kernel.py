@@ -30,8 +30,9 @@ import jax.numpy as jnp
 
 from lcjax.attention import decode_backend
 from lcjax.attention.reference import attention_reference
+from lcjax.cache import kivi
 from lcjax.cache.base import KV_AXES, tree_bytes
-from lcjax.cache.slots import resolve_num_new, slot_visibility
+from lcjax.cache.slots import slot_visibility
 from pallas_kernels.gpu import decode_quant
 from pallas_kernels.gpu.decode import merge_splits
 from pallas_kernels.gpu.decode_quant import QuantizedKV
@@ -118,33 +119,15 @@ class KIVIKernelCache:
 
   def quantized_len(self, lengths):
     """int32 [B]: positions [0, qb) are held quantised (whole groups older than `residual`)."""
-    g = self.group_size
-    return jnp.maximum(lengths - self.residual, 0) // g * g
+    return kivi.quantized_len(lengths, self.residual, self.group_size)
 
   def update(self, k_new, v_new, *, q=None, num_new=None) -> "KIVIKernelCache":
     """Writes k_new, v_new [B, T, Hkv, D] (T <= max_chunk) into the ring, then quantises the key
-    groups that left the residual window into the store."""
+    groups that left the residual window into the store (lcjax.cache.kivi's update)."""
     del q
-    t = k_new.shape[1]
-    if t > self.max_chunk:
-      raise ValueError(f"update of {t} tokens exceeds max_chunk={self.max_chunk}; create the cache "
-                       "with max_chunk >= the prefill chunk")
-    num_new = resolve_num_new(self.lengths, t, num_new)
-    f, b = self.k_fp.shape[1], k_new.shape[0]
-    pos = self.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
-    slot = jnp.where(jnp.arange(t)[None] < num_new[:, None], pos % f, f)      # f: dropped
-    rows = jnp.arange(b)[:, None]
-    new = dataclasses.replace(
-        self, k_fp=self.k_fp.at[rows, slot].set(k_new.astype(self.k_fp.dtype), mode="drop"),
-        v_fp=self.v_fp.at[rows, slot].set(v_new.astype(self.v_fp.dtype), mode="drop"),
-        lengths=self.lengths + num_new)
-    g = self.group_size
-    first, last = self.quantized_len(self.lengths) // g, self.quantized_len(new.lengths) // g
-    for j in range(-(-self.max_chunk // g) + 1):      # groups that may complete in one update
-      new = new._quantize_group(first + j, first + j < last)
-    return new
+    return kivi.update_ring_then_flush(self, k_new, v_new, num_new)
 
-  def _quantize_group(self, gi, active):
+  def _flush_group(self, gi, active):
     """Quantises token group gi (int32 [B]) from the ring into the store where active (bool [B])."""
     g, f = self.group_size, self.k_fp.shape[1]
     s = self.store
