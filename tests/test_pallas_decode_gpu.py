@@ -1,5 +1,6 @@
-"""The decode kernels at real sizes on a GPU (skipped elsewhere): dense, block-sparse and
-int8 / int4 caches against the float32 XLA reference on random bf16 inputs, ragged lengths.
+"""The decode kernels at real sizes on a GPU (skipped elsewhere): dense, block-sparse (also
+through the Quest and landmark caches) and int8 / int4 caches against the float32 XLA reference
+on random bf16 inputs, ragged lengths.
 
 The int8 tensor-core path of the quantised kernel uses inline PTX for int4 that interpret mode
 replaces with the same bit operations in jnp, so only this file checks the PTX.
@@ -99,3 +100,21 @@ def test_kivi_kernel_cache_decode_step(bits, int8_dots):
   out = jax.jit(lambda c, q: c.attend(q))(cache, q)
   err = _rel(out, cache.attend(q.astype(jnp.float32), implementation="xla"))
   assert err < (3e-2 if int8_dots else 5e-3), err
+
+
+@pytest.mark.parametrize("cache_name", ["QuestKVCache", "LandmarkKVCache"])
+def test_block_retrieval_caches_decode_step(cache_name):
+  """Quest / landmark caches filled in ragged chunks, then one decode step: the block-sparse
+  kernel over the blocks each cache selects, against the same cache's XLA path in float32."""
+  import lcjax.cache as caches
+  q, k, v = _inputs(20)
+  lengths = np.array([8192, 5000, 129, 1])
+  cache = getattr(caches, cache_name).create(BATCH, CAPACITY, KV_HEADS, HEAD_DIM, block_size=64,
+                                             top_blocks=16, local_blocks=2, dtype=jnp.bfloat16)
+  update = jax.jit(lambda c, a, b, n: c.update(a, b, num_new=n))
+  for s in range(0, CAPACITY, 2048):
+    cache = update(cache, k[:, s:s + 2048], v[:, s:s + 2048], jnp.asarray(np.clip(lengths - s, 0, 2048)))
+  out = jax.jit(lambda c, q: c.attend(q, implementation="pallas"))(cache, q)
+  f32 = jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, cache)
+  ref = f32.attend(q.astype(jnp.float32), implementation="xla")
+  assert _rel(out, ref) < 1e-2
