@@ -165,9 +165,9 @@ def quantized_decode_attend(q, kv: QuantizedKV, lengths, *, scale: float | None 
   """Causal decode attention over a QuantizedKV cache (dequantised inside the kernel).
 
   kernel_options: block_k, num_splits, num_warps, num_stages, int8_mma (int8 tensor-core dots,
-  the fast path for int8 and int4: int8 1.45-1.75x, int4 1.85-2.34x cuDNN's bf16 tokens/s on the
+  the fast path for int8 and int4: int8 1.50-1.75x, int4 2.17-2.35x cuDNN's bf16 tokens/s on the
   H200 at 32k-128k keys with the defaults; relative error ~1 % instead of ~0.3-0.5 %; see
-  BENCHMARKS.md runs 10-11).
+  BENCHMARKS.md runs 10-12).
   """
   lengths = jnp.asarray(lengths, jnp.int32)
   use_pallas, interpret = _use_pallas(implementation, interpret)

@@ -391,10 +391,10 @@ def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | No
 
   Same contract as pallas_kernels.gpu.decode.decode_attention; block_k must divide the key
   group (default min(128, key_group)) and be at most 256. Scales and zeros are used as float16.
-  Defaults are the fastest configuration measured at B8 Hq32 Hkv8 D128 (BENCHMARKS.md runs 8-9):
-  block_k 128; int8 keys on int8 dots one wave of 3 programs per SM (6 splits at B8 Hkv8),
-  otherwise at most 8 programs per SM (16 splits at B8 Hkv8); 2 warps with
-  int8 dots, else 4.
+  Defaults are the fastest configuration measured at B8 Hq32 Hkv8 D128 (BENCHMARKS.md runs 8-12):
+  block_k 128; int8 keys on int8 dots one wave of 3 programs per SM (6 splits at B8 Hkv8), int4
+  on int8 dots at most 4 programs per SM (8 splits), float16 / float32 dots at most 8 (16
+  splits); 2 warps with int8 dots, else 4.
   Dots: float32 queries take exact float32 dots. 16-bit queries take float16 dots of the codes
   (made exact in float16), or with int8_mma int8 tensor-core dots: q * k_scale quantised to
   int8 per row and key group (SageAttention-style), p per row from the tile maximum (times
@@ -423,13 +423,16 @@ def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | No
   scale = head_dim ** -0.5 if scale is None else scale
   per_head = lambda x: pl.BlockSpec((None, None) + x.shape[2:], lambda b, h, j: (b, h) + (0,) * (x.ndim - 2))
   # int8 keys with int8 dots fold the key scales into the queries inside the kernel, one full
-  # wave of 3 programs per SM; the other paths fold outside, ~8 programs per SM (BENCHMARKS.md
-  # run 9: for int4 the in-kernel fold, done per nibble half, lost 15-45 %).
+  # wave of 3 programs per SM; the other paths fold outside (BENCHMARKS.md run 9: for int4 the
+  # in-kernel fold, done per nibble half, lost 15-45 %). int4 on int8 dots runs at most 4
+  # programs per SM (run 12: 8 splits at B8 Hkv8 121.8 us against 130.7 for 16 at 32k, level at
+  # 128k), the float16 / float32 dots at most 8.
   fold_inside = mode == "int8" and bits == 8
   if fold_inside:
     splits = num_splits or max(1, min(3 * NUM_SMS // (batch * kv_heads), capacity // bk))
   else:
-    splits = num_splits or default_num_splits(batch, kv_heads, capacity // bk, waves=8)
+    splits = num_splits or default_num_splits(batch, kv_heads, capacity // bk,
+                                              waves=4 if mode == "int8" else 8)
   num_warps = num_warps or (2 if mode == "int8" else 4)
   qp, rows = pack_queries(q, kv_heads)
   n = q_len * (q_heads // kv_heads)
