@@ -9,9 +9,10 @@ CONFIG = dict(
     # (block_k, num_splits, num_warps, num_stages) tried for the dense kernel; best one reported.
     dense_sweep=((64, 8, 4, 4), (128, 16, 4, 3), (64, 16, 4, 3)),
     # (block_k, num_splits, num_warps, num_stages, int8_mma) for the int8 / int4 kernels.
-    # 6 splits = one wave of 3 programs per SM at B8 Hkv8 (the int8-key default), 16 ~ int4's.
-    quant_sweep=((128, 6, 2, 3, True), (128, 16, 2, 3, True), (128, 16, 4, 3, True),
-                 (128, 16, 4, 3, False)),
+    # At B8 Hkv8: 6 splits = one wave of 3 programs per SM (the int8-key default), 8 = int4's
+    # default on int8 dots (4 per SM), 16 = the float16-dot default (8 per SM).
+    quant_sweep=((128, 6, 2, 3, True), (128, 8, 2, 3, True), (128, 16, 2, 3, True),
+                 (128, 16, 4, 3, True), (128, 16, 4, 3, False)),
     key_group=128, value_groups=(128, 64),   # int4: groups within one nibble half, or all of D
     # (bits, value_group) of the KIVIKernelCache decode steps timed through the cache API
     # (key group = key_group), beside DenseKVCache; () skips them.
