@@ -103,7 +103,7 @@ def test_kivi_kernel_cache_decode_step(bits, int8_dots):
 
 
 @pytest.mark.parametrize("cache_name", ["QuestKVCache", "LandmarkKVCache"])
-def test_block_retrieval_caches_decode_step(cache_name):
+def test_block_retrieval_caches_decode_step(cache_name, monkeypatch):
   """Quest / landmark caches filled in ragged chunks, then one decode step: the block-sparse
   kernel over the blocks each cache selects, against the same cache's XLA path in float32."""
   import lcjax.cache as caches
@@ -114,7 +114,12 @@ def test_block_retrieval_caches_decode_step(cache_name):
   update = jax.jit(lambda c, a, b, n: c.update(a, b, num_new=n))
   for s in range(0, CAPACITY, 2048):
     cache = update(cache, k[:, s:s + 2048], v[:, s:s + 2048], jnp.asarray(np.clip(lengths - s, 0, 2048)))
+  calls = []                                  # the step must run the kernel, not fall back to XLA
+  real = decode.decode_attention
+  monkeypatch.setattr(decode, "decode_attention",
+                      lambda *a, **kw: calls.append(a[4].shape) or real(*a, **kw))
   out = jax.jit(lambda c, q: c.attend(q, implementation="pallas"))(cache, q)
+  assert calls == [(BATCH, Q_HEADS, CAPACITY // 64)]   # block lists [B, Hq, blocks]: per query head
   f32 = jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, cache)
   ref = f32.attend(q.astype(jnp.float32), implementation="xla")
   assert _rel(out, ref) < 1e-2

@@ -46,8 +46,8 @@ def _next_pow2(n: int) -> int:
 
 def default_num_splits(batch: int, kv_heads: int, num_blocks: int, waves: int = 4) -> int:
   """At most `waves` programs per SM (rounded down: a few programs past a full wave cost a whole
-  extra wave; 17 splits at B8 Hkv8 made an int4 decode step 16-21 % slower than 16, BENCHMARKS.md run 11),
-  never more splits than key blocks."""
+  extra wave; 17 splits at B8 Hkv8 made an int4 decode step 16-21 % slower than 16,
+  BENCHMARKS.md run 11), never more splits than key blocks."""
   return int(max(1, min(waves * NUM_SMS // (batch * kv_heads), num_blocks)))
 
 
