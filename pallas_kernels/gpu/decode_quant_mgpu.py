@@ -1,0 +1,272 @@
+"""int8 KV-cache decode on Hopper in Pallas Mosaic GPU, with the scores computed transposed.
+
+The Triton kernel (decode_quant.py) computes the score tile as [16 query rows, 128 keys]: Triton
+dots need every dimension >= 16, and a decode step has only q_len * group real rows (4 at GQA 4),
+so three quarters of the element-wise softmax work is padding. Here the keys are the rows:
+
+  S^T [128 keys, 8] = K_codes [128 keys, D] . Q_op^T [D, 8]         (int8 wgmma, int32 accumulator)
+  O_j^T [64 channels, 8] += V_codes_j [64 channels, 128 keys] . P_g^T [128 keys, 8]
+
+wgmma takes N = 8 columns (the packed query rows, q_len * group <= 8), so a warpgroup holds 8 score
+elements per thread per 128-key tile. Both cache tiles go by TMA straight into the wgmma operands:
+the key codes are token-major (D contiguous) and the value codes channel-major (tokens
+contiguous), which is the K-major layout int8 wgmma needs for A. Only P^T goes through shared
+memory, written by the threads.
+
+Numerics are those of the Triton kernel's int8 path (decode_quant.quantized_decode_attention with
+int8_mma=True): the key scales are folded into the queries per key group outside the kernel
+(decode_quant.query_operands, int8 per row), p = exp2(s - tile max) is quantised with the value
+scales folded in, p * vs / max(vs over the tile) * 127, and the tile's factor exp2(tile max - m)
+is applied to the int32 product. The softmax sums l and p . v_zero are kept as per-thread partials
+(rescaled by alpha every tile, reduced over keys once at the end), so the per-tile cross-warp
+reductions are only the maxima (scores per column, value scales per group).
+
+Shapes: q [B, T, Hq, D] bf16 / f16, T * Hq / Hkv <= 8, D 64 or 128; a QuantizedKV with 8-bit
+codes, key_group a multiple of 128, value_group a multiple of 64 dividing D, capacity a multiple
+of 128. Mosaic GPU's interpreter cannot run wgmma kernels, so the kernel is tested on the GPU
+(tests/test_pallas_decode_gpu.py); CPU CI checks that it lowers for an H100
+(tests/test_pallas_decode.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.gpu.decode import (NUM_SMS, merge_splits, pack_queries, split_range,
+                                       unpack_rows, validate_decode_args)
+from pallas_kernels.gpu.decode_quant import QuantizedKV, query_operands
+
+BLOCK_K = 128    # keys per tile: two 64-row wgmma groups
+COLS = 8         # wgmma N: the packed query rows, zero-padded
+# The CTA-wide copies move multiples of 128 bytes: the per-column scale / bias and lse vectors go
+# as SMALL_VEC float32 (the first COLS used).
+SMALL_VEC = 32
+M_GROUP = 64     # wgmma M
+
+
+def config_reason(q_shape, kv: QuantizedKV) -> str | None:
+  """None when this kernel takes the call (device aside), else why not."""
+  _, q_len, q_heads, head_dim = q_shape
+  kv_heads = kv.k_codes.shape[2]
+  if kv.bits != 8:
+    return f"{kv.bits}-bit codes; the Mosaic GPU kernel takes int8"
+  if head_dim not in (64, 128):
+    return f"head_dim {head_dim}; the Mosaic GPU kernel takes 64 or 128"
+  if q_len * (q_heads // kv_heads) > COLS:
+    return f"q_len * group = {q_len * (q_heads // kv_heads)} query rows per KV head; at most {COLS}"
+  if kv.key_group % BLOCK_K or kv.capacity % BLOCK_K:
+    return f"key_group {kv.key_group} and capacity {kv.capacity} must be multiples of {BLOCK_K}"
+  if kv.value_group % M_GROUP or head_dim % kv.value_group:
+    return f"value_group {kv.value_group} must be a multiple of {M_GROUP} dividing head_dim {head_dim}"
+  return None
+
+
+def supports(q, kv: QuantizedKV) -> bool:
+  """Whether this kernel serves the call: a Hopper GPU, 16-bit queries, config_reason None."""
+  if jax.default_backend() != "gpu":
+    return False
+  try:
+    if "9.0" not in getattr(jax.devices()[0], "compute_capability", ""):
+      return False
+  except Exception:  # pylint: disable=broad-except
+    return False
+  return q.dtype in (jnp.bfloat16, jnp.float16) and config_reason(q.shape, kv) is None
+
+
+def _smem_tile(shape, dtype, row_bytes: int):
+  """A shared-memory tile the wgmma reads: (8, row) tiles, swizzled by the row's bytes."""
+  elems = row_bytes // jnp.dtype(dtype).itemsize
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, elems)),
+                                              plgpu.SwizzleTransform(row_bytes)))
+
+
+def _kernel(len_ref, qop_ref, qsb_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_ref, lse_ref, smem, bars, *,
+            n, group, q_len, num_splits, stages, key_group, value_group, head_dim):
+  split, h, b = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("batch")
+  q_sm, qsb_sm, k_sm, v_sm, vs_sm, vz_sm, p_sm, o_sm, lse_sm = smem
+  length = len_ref[b]
+  total = jnp.minimum((length + BLOCK_K - 1) // BLOCK_K, kc_ref.shape[1] // BLOCK_K)
+  lo, hi = split_range(total, num_splits, split)
+  # Tiles wholly at or before the first new query's position are seen by every query: no mask.
+  unmasked_end = jnp.clip((length - q_len + 1) // BLOCK_K, lo, hi)
+  groups = head_dim // value_group
+  shape = (BLOCK_K, COLS)
+  wgmma_layout = plgpu.Layout.WGMMA
+  col_layout = wgmma_layout.reduce(0)     # [COLS] vectors, one value per query column
+  row_layout = wgmma_layout.reduce(1)     # [BLOCK_K] vectors, one value per key
+  cols = lambda x: lax.broadcast_in_dim(x, shape, [1])
+  rows = lambda x: lax.broadcast_in_dim(x, shape, [0])
+
+  def issue(tile, slot):
+    start = tile * BLOCK_K
+    r0 = (start // key_group) * n            # this key group's query-operand rows
+    plgpu.copy_gmem_to_smem(qop_ref.at[b, h, pl.ds(r0, COLS)], q_sm.at[slot], bars[0].at[slot])
+    plgpu.copy_gmem_to_smem(qsb_ref.at[b, h, :, pl.ds(r0, SMALL_VEC // 2)], qsb_sm.at[slot], bars[1].at[slot])
+    plgpu.copy_gmem_to_smem(kc_ref.at[b, pl.ds(start, BLOCK_K), h], k_sm.at[slot], bars[2].at[slot])
+    keys = pl.ds(start, BLOCK_K)
+    plgpu.copy_gmem_to_smem(vc_ref.at[b, h, :, keys], v_sm.at[slot], bars[3].at[slot])
+    plgpu.copy_gmem_to_smem(vs_ref.at[b, h, :, keys], vs_sm.at[slot], bars[4].at[slot])
+    plgpu.copy_gmem_to_smem(vz_ref.at[b, h, :, keys], vz_sm.at[slot], bars[5].at[slot])
+
+  for i in range(stages):
+    pl.when(lo + i < hi)(functools.partial(issue, lo + i, i))
+
+  col_ids = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wgmma_layout)
+  q_pos = jnp.where(col_ids < n, length - q_len + col_ids // group, -1)   # padding columns: -1
+
+  def body(masked, tile, carry):
+    acc, m, l_part, corr_part = carry
+    slot = lax.rem(tile - lo, stages)
+    start = tile * BLOCK_K
+    for bar in bars:
+      plgpu.barrier_wait(bar.at[slot])
+
+    def scores(acc_ref):
+      plgpu.wgmma(acc_ref, k_sm.at[slot], q_sm.at[slot].T)
+      return acc_ref[...]
+    s_int = pl.run_scoped(scores, plgpu.ACC(shape, jnp.int32))
+    q_scale = plgpu.load(qsb_sm.at[slot, 0, pl.ds(0, COLS)], (), layout=col_layout)
+    q_bias = plgpu.load(qsb_sm.at[slot, 1, pl.ds(0, COLS)], (), layout=col_layout)
+    s = s_int.astype(jnp.float32) * cols(q_scale) + cols(q_bias)          # base-2 logits
+    if masked:
+      k_pos = start + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wgmma_layout)
+      s = jnp.where(k_pos <= q_pos, s, -jnp.inf)
+    tile_max = s.max(axis=0)
+    m_new = jnp.maximum(m, tile_max)
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)                  # columns that saw nothing yet
+    alpha = jnp.exp2(m - m_safe)
+    t_safe = jnp.where(tile_max == -jnp.inf, 0.0, tile_max)
+    # p = exp2(s - tile max) has a column maximum of 1, so a fixed int8 scale gives every column
+    # the full range; the column's factor exp2(tile max - m) goes onto the tile's products.
+    p = jnp.exp2(s - cols(t_safe))                                       # 0 where masked
+    tile_factor = jnp.where(tile_max == -jnp.inf, 0.0, jnp.exp2(t_safe - m_safe))
+    p_f = p * cols(tile_factor)
+    l_part = l_part * cols(alpha) + p_f
+
+    units, new_corr = [], []
+    for g in range(groups):
+      vs = plgpu.load(vs_sm.at[slot, g], (), layout=row_layout).astype(jnp.float32)
+      vz = plgpu.load(vz_sm.at[slot, g], (), layout=row_layout).astype(jnp.float32)
+      if masked:        # slots past the length may hold anything; keep them out of vmax and p . vz
+        written = start + plgpu.broadcasted_iota(jnp.int32, (BLOCK_K,), 0, layout=row_layout) < length
+        vs, vz = jnp.where(written, vs, 0.0), jnp.where(written, vz, 0.0)
+      vs_b = rows(vs)
+      v_max = jnp.maximum(vs_b.max(axis=0), 1e-30)                       # [COLS], all equal
+      new_corr.append(corr_part[g] * cols(alpha) + p_f * rows(vz))
+      # The transposed store needs vectors along the keys: change layout in float32 (WGMMA <->
+      # WGMMA_TRANSPOSED exists for 16 and 32 bits only), then round p * vs / vmax * 127.
+      p_q = plgpu.layout_cast(p * vs_b * cols(127.0 / v_max) + 0.5, plgpu.Layout.WGMMA_TRANSPOSED)
+      p_sm.at[g].T[...] = p_q.astype(jnp.int8)
+      units.append(v_max * (1 / 127.0) * tile_factor)
+    plgpu.commit_smem()                  # P^T visible to the tensor cores
+
+    def values(acc_refs):
+      for j, acc_ref in enumerate(acc_refs):
+        plgpu.wgmma(acc_ref, v_sm.at[slot, pl.ds(j * M_GROUP, M_GROUP)],
+                    p_sm.at[j * M_GROUP // value_group].T)
+      return [acc_ref[...] for acc_ref in acc_refs]
+    o_int = pl.run_scoped(values, [plgpu.ACC((M_GROUP, COLS), jnp.int32)] * len(acc))
+    acc = [a * lax.broadcast_in_dim(alpha, a.shape, [1])
+           + o.astype(jnp.float32) * lax.broadcast_in_dim(units[j * M_GROUP // value_group], a.shape, [1])
+           for j, (a, o) in enumerate(zip(acc, o_int))]
+
+    @pl.when(tile + stages < hi)
+    def _next():
+      issue(tile + stages, slot)
+    return acc, m_new, l_part, new_corr
+
+  zeros = lambda s: plgpu.layout_cast(jnp.full(s, 0, jnp.float32), wgmma_layout)
+  carry = ([zeros((M_GROUP, COLS)) for _ in range(head_dim // M_GROUP)],
+           plgpu.layout_cast(jnp.full((COLS,), -jnp.inf, jnp.float32), col_layout),
+           zeros(shape), [zeros(shape) for _ in range(groups)])
+  carry = lax.fori_loop(lo, unmasked_end, functools.partial(body, False), carry)
+  acc, m, l_part, corr_part = lax.fori_loop(unmasked_end, hi, functools.partial(body, True), carry)
+
+  l = l_part.sum(axis=0)
+  nonempty = l > 0
+  inv_l = 1.0 / jnp.where(nonempty, l, 1.0)
+  corr = [c.sum(axis=0) for c in corr_part]
+  for j, a in enumerate(acc):
+    o = (a + lax.broadcast_in_dim(corr[j * M_GROUP // value_group], a.shape, [1])) \
+        * lax.broadcast_in_dim(inv_l, a.shape, [1])
+    o_sm[pl.ds(j * M_GROUP, M_GROUP), :] = o
+  lse_sm[pl.ds(0, COLS)] = jnp.where(nonempty, m * math.log(2.0) + jnp.log(jnp.where(nonempty, l, 1.0)), -jnp.inf)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(o_sm, o_ref.at[b, h, split])
+  plgpu.copy_smem_to_gmem(lse_sm, lse_ref.at[b, h, split])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def default_num_splits(batch: int, kv_heads: int, num_tiles: int) -> int:
+  """Two programs per SM fit its shared memory at 3 stages: one full wave of them."""
+  return int(max(1, min(2 * NUM_SMS // (batch * kv_heads), num_tiles)))
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "num_splits", "stages", "return_lse"))
+def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | None = None,
+                               num_splits: int | None = None, stages: int = 3,
+                               return_lse: bool = False):
+  """Decode attention of q [B, T, Hq, D] (bf16 / f16) over an int8 QuantizedKV cache.
+
+  Same contract and numerics as decode_quant.quantized_decode_attention(..., int8_mma=True);
+  config_reason says which shapes it takes. stages: cache tiles in flight per program.
+  Returns out [B, T, Hq, D] in q.dtype (and with return_lse the float32 lse [B, Hq, T]).
+  """
+  batch, q_len, q_heads, head_dim = q.shape
+  kv_heads, capacity = kv.k_codes.shape[2], kv.capacity
+  validate_decode_args(q, jax.ShapeDtypeStruct((batch, capacity, kv_heads, head_dim), q.dtype),
+                       jax.ShapeDtypeStruct((batch, capacity, kv_heads, head_dim), q.dtype), lengths)
+  if (reason := config_reason(q.shape, kv)) is not None:
+    raise ValueError(f"the Mosaic GPU int8 decode kernel does not take this call: {reason}")
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"q must be bfloat16 or float16 for the Mosaic GPU int8 kernel; got {q.dtype}")
+  scale = head_dim ** -0.5 if scale is None else scale
+  group = q_heads // kv_heads
+  n = q_len * group
+  qp, _ = pack_queries(q, kv_heads)
+  q_op, q_scale, q_bias = query_operands(qp[:, :, :COLS], kv, n, scale, "int8")
+  # TMA into (8, D) tiles wants whole tiles of rows; the scale / bias copies read SMALL_VEC / 2.
+  pad = -q_op.shape[2] % COLS + SMALL_VEC // 2
+  q_op = jnp.pad(q_op, ((0, 0), (0, 0), (0, pad), (0, 0)))
+  q_sb = jnp.pad(jnp.stack([q_scale, q_bias], axis=2), ((0, 0), (0, 0), (0, 0), (0, pad)))
+  splits = num_splits or default_num_splits(batch, kv_heads, capacity // BLOCK_K)
+  groups = head_dim // kv.value_group
+  kernel = functools.partial(_kernel, n=n, group=group, q_len=q_len, num_splits=splits,
+                             stages=stages, key_group=kv.key_group, value_group=kv.value_group,
+                             head_dim=head_dim)
+
+  def entry(*refs):
+    smem = (_smem_tile((stages, COLS, head_dim), jnp.int8, head_dim),          # query operand
+            plgpu.SMEM((stages, 2, SMALL_VEC // 2), jnp.float32),              # its scale, bias
+            _smem_tile((stages, BLOCK_K, head_dim), jnp.int8, head_dim),       # key codes
+            _smem_tile((stages, head_dim, BLOCK_K), jnp.int8, BLOCK_K),        # value codes
+            plgpu.SMEM((stages, groups, BLOCK_K), jnp.float16),                # value scales
+            plgpu.SMEM((stages, groups, BLOCK_K), jnp.float16),                # value zeros
+            _smem_tile((groups, COLS, BLOCK_K), jnp.int8, BLOCK_K),            # P_g (P^T's rows)
+            plgpu.SMEM((head_dim, COLS), jnp.float32),                         # O^T
+            plgpu.SMEM((SMALL_VEC,), jnp.float32))                             # lse
+    bars = tuple(plgpu.Barrier(num_barriers=stages) for _ in range(6))
+    pl.run_scoped(lambda smem, bars: kernel(*refs, smem, bars), smem, bars)
+
+  o, lse = plgpu.kernel(
+      entry,
+      out_type=[jax.ShapeDtypeStruct((batch, kv_heads, splits, head_dim, COLS), jnp.float32),
+                jax.ShapeDtypeStruct((batch, kv_heads, splits, SMALL_VEC), jnp.float32)],
+      grid=(splits, kv_heads, batch),
+      grid_names=("split", "head", "batch"),
+      compiler_params=plgpu.CompilerParams(approx_math=True,
+                                           lowering_semantics=plgpu.LoweringSemantics.Lane),
+  )(lengths.astype(jnp.int32), q_op, q_sb, kv.k_codes, kv.v_codes,
+    kv.v_scale.astype(jnp.float16), kv.v_zero.astype(jnp.float16))
+  out, lse = merge_splits(jnp.swapaxes(o[..., :n], -1, -2), lse[..., :n])
+  out = unpack_rows(out, q_len, q_heads).astype(q.dtype)
+  if return_lse:
+    return out, jnp.moveaxis(unpack_rows(lse, q_len, q_heads), 1, 2)
+  return out
