@@ -126,3 +126,40 @@ def test_decode_kernels_lower_for_h100():
       exported = export.export(jax.jit(fn), platforms=["cuda"],
                                disabled_checks=[export.DisabledSafetyCheck.custom_call(target)])(*args)
       assert exported.mlir_module().count(f"custom_call @{target}") == 1
+
+
+@pytest.mark.parametrize("head_dim,value_group,q_len", [(128, 64, 1), (128, 128, 2), (64, 64, 1)])
+def test_mgpu_int8_decode_lowers_for_h100(head_dim, value_group, q_len):
+  """The Mosaic GPU int8 decode kernel lowers (layouts, transposed P^T store, TMA slices) to one
+  Mosaic GPU custom call for an H100 target without a GPU; Mosaic GPU's interpreter cannot run
+  its wgmma, so tests/test_pallas_decode_gpu.py checks its numbers on the device machine."""
+  from jax import export
+  from jax._src import mesh as mesh_lib
+  from pallas_kernels.gpu import decode_quant, decode_quant_mgpu
+  S = jax.ShapeDtypeStruct
+  b, hq, hkv, c = 2, 8, 2, 1024
+  kv = S((b, c, hkv, head_dim), jnp.bfloat16)
+  cache = jax.eval_shape(lambda: decode_quant.quantize_kv(jnp.zeros(kv.shape), jnp.zeros(kv.shape), bits=8,
+                                                          key_group=128, value_group=value_group))
+  assert decode_quant_mgpu.config_reason((b, q_len, hq, head_dim), cache) is None
+  target = "mosaic_gpu_v2"
+  h100 = mesh_lib.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+    exported = export.export(jax.jit(decode_quant_mgpu.quantized_decode_attention), platforms=["cuda"],
+                             disabled_checks=[export.DisabledSafetyCheck.custom_call(target)])(
+                                 S((b, q_len, hq, head_dim), jnp.bfloat16), cache, S((b,), jnp.int32))
+  assert exported.mlir_module().count(f"custom_call @{target}") == 1
+
+
+def test_mgpu_int8_decode_config_reason_names_what_it_refuses():
+  from pallas_kernels.gpu import decode_quant, decode_quant_mgpu
+  shape = lambda bits, vg, d=128: jax.eval_shape(lambda: decode_quant.quantize_kv(
+      jnp.zeros((1, 256, 2, d)), jnp.zeros((1, 256, 2, d)), bits=bits, key_group=128, value_group=vg))
+  assert "4-bit" in decode_quant_mgpu.config_reason((1, 1, 8, 128), shape(4, 64))
+  assert "value_group 32" in decode_quant_mgpu.config_reason((1, 1, 8, 128), shape(8, 32))
+  assert "query rows" in decode_quant_mgpu.config_reason((1, 3, 8, 128), shape(8, 64))
+  with pytest.raises(ValueError, match="does not take this call"):
+    decode_quant_mgpu.quantized_decode_attention(jnp.zeros((1, 3, 8, 128), jnp.bfloat16),
+                                                 decode_quant.quantize_kv(jnp.zeros((1, 256, 2, 128)), jnp.zeros((1, 256, 2, 128)),
+                                                                          bits=8, key_group=128, value_group=64),
+                                                 jnp.array([256], jnp.int32))

@@ -14,8 +14,8 @@ contiguous), which is the K-major layout int8 wgmma needs for A. Only P^T goes t
 memory, written by the threads.
 
 Numerics are those of the Triton kernel's int8 path (decode_quant.quantized_decode_attention with
-int8_mma=True): the key scales are folded into the queries per key group outside the kernel
-(decode_quant.query_operands, int8 per row), p = exp2(s - tile max) is quantised with the value
+int8_mma=True): the key scales are folded into the queries once per tile inside the kernel
+(q * k_scale quantised to int8 per row, written to shared memory as the B operand), p = exp2(s - tile max) is quantised with the value
 scales folded in, p * vs / max(vs over the tile) * 127, and the tile's factor exp2(tile max - m)
 is applied to the int32 product. The softmax sums l and p . v_zero are kept as per-thread partials
 (rescaled by alpha every tile, reduced over keys once at the end), so the per-tile cross-warp
@@ -41,14 +41,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.gpu.decode import (NUM_SMS, merge_splits, pack_queries, split_range,
                                        unpack_rows, validate_decode_args)
-from pallas_kernels.gpu.decode_quant import QuantizedKV, query_operands
+from pallas_kernels.gpu.decode_quant import QuantizedKV
 
 BLOCK_K = 128    # keys per tile: two 64-row wgmma groups
 COLS = 8         # wgmma N: the packed query rows, zero-padded
-# The CTA-wide copies move multiples of 128 bytes: the per-column scale / bias and lse vectors go
-# as SMALL_VEC float32 (the first COLS used).
-SMALL_VEC = 32
 M_GROUP = 64     # wgmma M
+_LOG2E = math.log2(math.e)
 
 
 def config_reason(q_shape, kv: QuantizedKV) -> str | None:
@@ -87,10 +85,20 @@ def _smem_tile(shape, dtype, row_bytes: int):
                                               plgpu.SwizzleTransform(row_bytes)))
 
 
-def _kernel(len_ref, qop_ref, qsb_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_ref, lse_ref, smem, bars, *,
-            n, group, q_len, num_splits, stages, key_group, value_group, head_dim):
+def _fold_layouts(head_dim: int):
+  """The layout of the [COLS, D] query fold: warp w holds rows 2w, 2w + 1, each row spread over 16
+  lanes (D / 16 channels per lane), so its reductions over channels are shuffles within a warp;
+  and the layouts of its [D] (per channel) and [COLS] (per row) vectors."""
+  fold = plgpu.Layout.TILED(plgpu.Tiling(((COLS, head_dim), (2, head_dim), (head_dim // 16,))),
+                            warp_dims=(-5,), lane_dims=(-3, -2), vector_dim=-1)
+  return fold, fold.reduce(0), fold.reduce(1)
+
+
+def _kernel(len_ref, q_ref, ks_ref, kz_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_ref, lse_ref, smem, bars, *,
+            scale, n, group, q_len, num_splits, stages, key_group, value_group, head_dim):
   split, h, b = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("batch")
-  q_sm, qsb_sm, k_sm, v_sm, vs_sm, vz_sm, p_sm, o_sm, lse_sm = smem
+  q_in_sm, q_sm, qsb_sm, ks_sm, kz_sm, k_sm, v_sm, vs_sm, vz_sm, p_sm = smem
+  q_bar, bars = bars[0], bars[1:]
   length = len_ref[b]
   total = jnp.minimum((length + BLOCK_K - 1) // BLOCK_K, kc_ref.shape[1] // BLOCK_K)
   lo, hi = split_range(total, num_splits, split)
@@ -101,22 +109,44 @@ def _kernel(len_ref, qop_ref, qsb_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_ref, ls
   wgmma_layout = plgpu.Layout.WGMMA
   col_layout = wgmma_layout.reduce(0)     # [COLS] vectors, one value per query column
   row_layout = wgmma_layout.reduce(1)     # [BLOCK_K] vectors, one value per key
+  # [BLOCK_K] vectors held whole by every warp (4 per lane): their maximum needs only shuffles.
+  warp_layout = plgpu.Layout.TILED(plgpu.Tiling(((BLOCK_K,), (4,))), warp_dims=(plgpu.Replicated(4),),
+                                   lane_dims=(-2,), vector_dim=-1)
+  fold_layout, channel_layout, fold_row_layout = _fold_layouts(head_dim)
   cols = lambda x: lax.broadcast_in_dim(x, shape, [1])
   rows = lambda x: lax.broadcast_in_dim(x, shape, [0])
 
   def issue(tile, slot):
     start = tile * BLOCK_K
-    r0 = (start // key_group) * n            # this key group's query-operand rows
-    plgpu.copy_gmem_to_smem(qop_ref.at[b, h, pl.ds(r0, COLS)], q_sm.at[slot], bars[0].at[slot])
-    plgpu.copy_gmem_to_smem(qsb_ref.at[b, h, :, pl.ds(r0, SMALL_VEC // 2)], qsb_sm.at[slot], bars[1].at[slot])
+    g = start // key_group
+    plgpu.copy_gmem_to_smem(ks_ref.at[b, g, h], ks_sm.at[slot], bars[0].at[slot])
+    plgpu.copy_gmem_to_smem(kz_ref.at[b, g, h], kz_sm.at[slot], bars[1].at[slot])
     plgpu.copy_gmem_to_smem(kc_ref.at[b, pl.ds(start, BLOCK_K), h], k_sm.at[slot], bars[2].at[slot])
     keys = pl.ds(start, BLOCK_K)
     plgpu.copy_gmem_to_smem(vc_ref.at[b, h, :, keys], v_sm.at[slot], bars[3].at[slot])
     plgpu.copy_gmem_to_smem(vs_ref.at[b, h, :, keys], vs_sm.at[slot], bars[4].at[slot])
     plgpu.copy_gmem_to_smem(vz_ref.at[b, h, :, keys], vz_sm.at[slot], bars[5].at[slot])
 
+  plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_in_sm, q_bar)
   for i in range(stages):
     pl.when(lo + i < hi)(functools.partial(issue, lo + i, i))
+  plgpu.barrier_wait(q_bar)
+  q = plgpu.load(q_in_sm, layout=fold_layout).astype(jnp.float32) * (scale * _LOG2E)   # base 2
+
+  def fold_query(slot):
+    """q . k = (q * ks) . code + q . kz per key group: writes the int8 operand round(q * ks /
+    row scale) to q_sm and the row scale and bias to qsb_sm (SageAttention-style int8 queries)."""
+    channel = lambda ref: plgpu.layout_cast(
+        lax.broadcast_in_dim(plgpu.load(ref, layout=channel_layout).astype(jnp.float32), q.shape, [1]),
+        fold_layout)
+    qk = q * channel(ks_sm.at[slot])
+    amax = jnp.max(jnp.abs(qk), axis=1)
+    inv_scale = jnp.where(amax > 0, 127.0 / amax, 0.0)
+    x = qk * plgpu.layout_cast(lax.broadcast_in_dim(inv_scale, q.shape, [0]), fold_layout)
+    q_sm[...] = jnp.where(x >= 0, x + 0.5, x - 0.5).astype(jnp.int8)        # round half away
+    qsb_sm[0, :] = amax * (1 / 127.0)
+    qsb_sm[1, :] = jnp.sum(q * channel(kz_sm.at[slot]), axis=1)
+    plgpu.commit_smem()                  # the operand visible to the tensor cores, the vectors to all
 
   col_ids = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wgmma_layout)
   q_pos = jnp.where(col_ids < n, length - q_len + col_ids // group, -1)   # padding columns: -1
@@ -127,13 +157,14 @@ def _kernel(len_ref, qop_ref, qsb_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_ref, ls
     start = tile * BLOCK_K
     for bar in bars:
       plgpu.barrier_wait(bar.at[slot])
+    fold_query(slot)
 
     def scores(acc_ref):
-      plgpu.wgmma(acc_ref, k_sm.at[slot], q_sm.at[slot].T)
+      plgpu.wgmma(acc_ref, k_sm.at[slot], q_sm.T)
       return acc_ref[...]
     s_int = pl.run_scoped(scores, plgpu.ACC(shape, jnp.int32))
-    q_scale = plgpu.load(qsb_sm.at[slot, 0, pl.ds(0, COLS)], (), layout=col_layout)
-    q_bias = plgpu.load(qsb_sm.at[slot, 1, pl.ds(0, COLS)], (), layout=col_layout)
+    q_scale = plgpu.load(qsb_sm.at[0], layout=col_layout)
+    q_bias = plgpu.load(qsb_sm.at[1], layout=col_layout)
     s = s_int.astype(jnp.float32) * cols(q_scale) + cols(q_bias)          # base-2 logits
     if masked:
       k_pos = start + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wgmma_layout)
@@ -152,17 +183,20 @@ def _kernel(len_ref, qop_ref, qsb_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_ref, ls
 
     units, new_corr = [], []
     for g in range(groups):
-      vs = plgpu.load(vs_sm.at[slot, g], (), layout=row_layout).astype(jnp.float32)
-      vz = plgpu.load(vz_sm.at[slot, g], (), layout=row_layout).astype(jnp.float32)
+      vs = plgpu.load(vs_sm.at[slot, g], layout=row_layout).astype(jnp.float32)
+      vz = plgpu.load(vz_sm.at[slot, g], layout=row_layout).astype(jnp.float32)
+      vs_w = plgpu.load(vs_sm.at[slot, g], layout=warp_layout).astype(jnp.float32)
       if masked:        # slots past the length may hold anything; keep them out of vmax and p . vz
-        written = start + plgpu.broadcasted_iota(jnp.int32, (BLOCK_K,), 0, layout=row_layout) < length
+        key = lambda layout: start + plgpu.broadcasted_iota(jnp.int32, (BLOCK_K,), 0, layout=layout)
+        written = key(row_layout) < length
         vs, vz = jnp.where(written, vs, 0.0), jnp.where(written, vz, 0.0)
+        vs_w = jnp.where(key(warp_layout) < length, vs_w, 0.0)
       vs_b = rows(vs)
-      v_max = jnp.maximum(vs_b.max(axis=0), 1e-30)                       # [COLS], all equal
+      v_max = jnp.maximum(vs_w.max(axis=0), 1e-30)                       # a scalar
       new_corr.append(corr_part[g] * cols(alpha) + p_f * rows(vz))
       # The transposed store needs vectors along the keys: change layout in float32 (WGMMA <->
       # WGMMA_TRANSPOSED exists for 16 and 32 bits only), then round p * vs / vmax * 127.
-      p_q = plgpu.layout_cast(p * vs_b * cols(127.0 / v_max) + 0.5, plgpu.Layout.WGMMA_TRANSPOSED)
+      p_q = plgpu.layout_cast(p * vs_b * (127.0 / v_max) + 0.5, plgpu.Layout.WGMMA_TRANSPOSED)
       p_sm.at[g].T[...] = p_q.astype(jnp.int8)
       units.append(v_max * (1 / 127.0) * tile_factor)
     plgpu.commit_smem()                  # P^T visible to the tensor cores
@@ -196,22 +230,20 @@ def _kernel(len_ref, qop_ref, qsb_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_ref, ls
   for j, a in enumerate(acc):
     o = (a + lax.broadcast_in_dim(corr[j * M_GROUP // value_group], a.shape, [1])) \
         * lax.broadcast_in_dim(inv_l, a.shape, [1])
-    o_sm[pl.ds(j * M_GROUP, M_GROUP), :] = o
-  lse_sm[pl.ds(0, COLS)] = jnp.where(nonempty, m * math.log(2.0) + jnp.log(jnp.where(nonempty, l, 1.0)), -jnp.inf)
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(o_sm, o_ref.at[b, h, split])
-  plgpu.copy_smem_to_gmem(lse_sm, lse_ref.at[b, h, split])
-  plgpu.wait_smem_to_gmem(0)
+    o_ref.at[b, h, split, pl.ds(j * M_GROUP, M_GROUP)][...] = o       # straight from registers
+  lse_ref.at[b, h, split][...] = jnp.where(nonempty, m * math.log(2.0) + jnp.log(jnp.where(nonempty, l, 1.0)),
+                                           -jnp.inf)
 
 
 def default_num_splits(batch: int, kv_heads: int, num_tiles: int) -> int:
-  """Two programs per SM fit its shared memory at 3 stages: one full wave of them."""
+  """Two programs per SM, one full wave (4 splits at B8 Hkv8: 153 us at 32k against 158-179 us
+  for 6, 8 or 12 splits; BENCHMARKS.md run 13)."""
   return int(max(1, min(2 * NUM_SMS // (batch * kv_heads), num_tiles)))
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "num_splits", "stages", "return_lse"))
 def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | None = None,
-                               num_splits: int | None = None, stages: int = 3,
+                               num_splits: int | None = None, stages: int = 2,
                                return_lse: bool = False):
   """Decode attention of q [B, T, Hq, D] (bf16 / f16) over an int8 QuantizedKV cache.
 
@@ -230,40 +262,38 @@ def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | No
   scale = head_dim ** -0.5 if scale is None else scale
   group = q_heads // kv_heads
   n = q_len * group
-  qp, _ = pack_queries(q, kv_heads)
-  q_op, q_scale, q_bias = query_operands(qp[:, :, :COLS], kv, n, scale, "int8")
-  # TMA into (8, D) tiles wants whole tiles of rows; the scale / bias copies read SMALL_VEC / 2.
-  pad = -q_op.shape[2] % COLS + SMALL_VEC // 2
-  q_op = jnp.pad(q_op, ((0, 0), (0, 0), (0, pad), (0, 0)))
-  q_sb = jnp.pad(jnp.stack([q_scale, q_bias], axis=2), ((0, 0), (0, 0), (0, 0), (0, pad)))
+  qp = pack_queries(q, kv_heads)[0][:, :, :COLS]                      # [B, Hkv, 8, D]
   splits = num_splits or default_num_splits(batch, kv_heads, capacity // BLOCK_K)
   groups = head_dim // kv.value_group
-  kernel = functools.partial(_kernel, n=n, group=group, q_len=q_len, num_splits=splits,
+  kernel = functools.partial(_kernel, scale=scale, n=n, group=group, q_len=q_len, num_splits=splits,
                              stages=stages, key_group=kv.key_group, value_group=kv.value_group,
                              head_dim=head_dim)
 
   def entry(*refs):
-    smem = (_smem_tile((stages, COLS, head_dim), jnp.int8, head_dim),          # query operand
-            plgpu.SMEM((stages, 2, SMALL_VEC // 2), jnp.float32),              # its scale, bias
+    smem = (plgpu.SMEM((COLS, head_dim), q.dtype),                             # packed queries
+            _smem_tile((COLS, head_dim), jnp.int8, head_dim),                  # query operand
+            plgpu.SMEM((2, COLS), jnp.float32),                                # its scale, bias
+            plgpu.SMEM((stages, head_dim), jnp.float16),                       # key scales
+            plgpu.SMEM((stages, head_dim), jnp.float16),                       # key zeros
             _smem_tile((stages, BLOCK_K, head_dim), jnp.int8, head_dim),       # key codes
             _smem_tile((stages, head_dim, BLOCK_K), jnp.int8, BLOCK_K),        # value codes
             plgpu.SMEM((stages, groups, BLOCK_K), jnp.float16),                # value scales
             plgpu.SMEM((stages, groups, BLOCK_K), jnp.float16),                # value zeros
-            _smem_tile((groups, COLS, BLOCK_K), jnp.int8, BLOCK_K),            # P_g (P^T's rows)
-            plgpu.SMEM((head_dim, COLS), jnp.float32),                         # O^T
-            plgpu.SMEM((SMALL_VEC,), jnp.float32))                             # lse
-    bars = tuple(plgpu.Barrier(num_barriers=stages) for _ in range(6))
+            _smem_tile((groups, COLS, BLOCK_K), jnp.int8, BLOCK_K))            # P_g (P^T's rows)
+    bars = (plgpu.Barrier(), *(plgpu.Barrier(num_barriers=stages) for _ in range(6)))
     pl.run_scoped(lambda smem, bars: kernel(*refs, smem, bars), smem, bars)
 
   o, lse = plgpu.kernel(
       entry,
       out_type=[jax.ShapeDtypeStruct((batch, kv_heads, splits, head_dim, COLS), jnp.float32),
-                jax.ShapeDtypeStruct((batch, kv_heads, splits, SMALL_VEC), jnp.float32)],
+                jax.ShapeDtypeStruct((batch, kv_heads, splits, COLS), jnp.float32)],
       grid=(splits, kv_heads, batch),
       grid_names=("split", "head", "batch"),
-      compiler_params=plgpu.CompilerParams(approx_math=True,
+      # No automatic barriers: the one after the P^T stores (commit_smem) also orders every read
+      # of a slot before the copies that refill it, and the reductions bring their own.
+      compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True,
                                            lowering_semantics=plgpu.LoweringSemantics.Lane),
-  )(lengths.astype(jnp.int32), q_op, q_sb, kv.k_codes, kv.v_codes,
+  )(lengths.astype(jnp.int32), qp, kv.k_scale.astype(jnp.float16), kv.k_zero.astype(jnp.float16), kv.k_codes, kv.v_codes,
     kv.v_scale.astype(jnp.float16), kv.v_zero.astype(jnp.float16))
   out, lse = merge_splits(jnp.swapaxes(o[..., :n], -1, -2), lse[..., :n])
   out = unpack_rows(out, q_len, q_heads).astype(q.dtype)
