@@ -13,6 +13,9 @@ CONFIG = dict(
     # default on int8 dots (4 per SM), 16 = the float16-dot default (8 per SM).
     quant_sweep=((128, 6, 2, 3, True), (128, 8, 2, 3, True), (128, 16, 2, 3, True),
                  (128, 16, 4, 3, True), (128, 16, 4, 3, False)),
+    # (num_splits, stages) for the Mosaic GPU int8 kernel (decode_quant_mgpu): 4 splits at 2 stages
+    # is its default (one wave of 2 programs per SM at B8 Hkv8).
+    mosaic_sweep=((4, 2), (4, 3)),
     key_group=128, value_groups=(128, 64),   # int4: groups within one nibble half, or all of D
     # (bits, value_group) of the KIVIKernelCache decode steps timed through the cache API
     # (key group = key_group), beside DenseKVCache; () skips them.

@@ -1,4 +1,5 @@
-"""Decode-kernel benchmark (issue 5): lcjax's split-KV kernels beside cuDNN, XLA and JAX's Pallas decode.
+"""Decode-kernel benchmark (issue 5): lcjax's split-KV kernels (Triton; int8 also Mosaic GPU)
+beside cuDNN, XLA and JAX's Pallas decode.
 
   PYTHONPATH=. python3 -m experiments.benchmark_decode --config configs/benchmark_decode.py \
       [--config.lengths=32768,131072] [--config.iters=30]
@@ -27,7 +28,7 @@ import numpy as np
 from lcjax.cache.base import tree_bytes
 from lcjax.cache.dense import DenseKVCache
 from lcjax.cache.kivi_kernel import KIVIKernelCache
-from pallas_kernels.gpu import decode, decode_quant
+from pallas_kernels.gpu import decode, decode_quant, decode_quant_mgpu
 
 
 def load_config(argv):
@@ -234,11 +235,17 @@ def main(argv):
       qref = jax.nn.dot_product_attention(q.astype(jnp.float32), kd, vd, implementation="xla")
       del kd, vd
       qbest = (None, float("inf"))
-      for bk, splits, warps, stages, i8 in cfg["quant_sweep"]:
-        f = jax.jit(lambda q, c, l, bk=bk, s=splits, w=warps, st=stages, i8=i8:
-                    decode_quant.quantized_decode_attention(q, c, l, block_k=bk, num_splits=s,
-                                                            num_warps=w, num_stages=st, int8_mma=i8))
-        name = f"int{bits} vg{vg} bk{bk} s{splits} w{warps} st{stages}{' int8mma' if i8 else ''}"
+      sweep = [(f"int{bits} vg{vg} bk{bk} s{splits} w{warps} st{stages}{' int8mma' if i8 else ''}",
+                jax.jit(lambda q, c, l, bk=bk, s=splits, w=warps, st=stages, i8=i8:
+                        decode_quant.quantized_decode_attention(q, c, l, block_k=bk, num_splits=s,
+                                                                num_warps=w, num_stages=st, int8_mma=i8)))
+               for bk, splits, warps, stages, i8 in cfg["quant_sweep"]]
+      if decode_quant_mgpu.config_reason(q.shape, qkv) is None:      # int8: the Mosaic GPU kernel
+        sweep += [(f"int{bits} vg{vg} mosaic s{splits} st{stages}",
+                   jax.jit(lambda q, c, l, s=splits, st=stages:
+                           decode_quant_mgpu.quantized_decode_attention(q, c, l, num_splits=s, stages=st)))
+                  for splits, stages in cfg["mosaic_sweep"]]
+      for name, f in sweep:
         try:
           err = rel_err(f(q, qkv, lengths), qref)
           t = time_in_scan(f, q, qkv, lengths, **timing)

@@ -59,6 +59,28 @@ def test_quantized_decode_attend_paths_agree():
   np.testing.assert_allclose(out, ref, atol=3e-5, rtol=3e-5)
 
 
+def test_quantized_kernel_choice_says_why_mosaic_cannot_serve():
+  """Which quantised decode kernel serves a call: "auto" takes Mosaic GPU only for int8 codes with
+  int8_mma and no Triton-only option, on a Hopper GPU (never on this CPU); "mosaic" names why not."""
+  S = jax.ShapeDtypeStruct
+  q = S((2, 1, 8, 128), jnp.bfloat16)
+  cache = lambda bits: jax.eval_shape(lambda: db.quantize_kv(jnp.zeros((2, 256, 2, 128)), jnp.zeros((2, 256, 2, 128)),
+                                                             bits=bits, key_group=128, value_group=64))
+  int8, int4 = cache(8), cache(4)
+  pick = lambda kv, kernel="auto", interpret=False, **o: db._quantized_kernel(q, kv, kernel, interpret, o)
+  assert pick(int8, int8_mma=True) == "triton"            # no Hopper GPU here
+  assert pick(int8, "triton", int8_mma=True) == "triton"
+  assert pick(int8, "mosaic", int8_mma=True) == "mosaic"
+  for kv, options, interpret, why in [(int4, dict(int8_mma=True), False, "4-bit"),
+                                      (int8, dict(int8_mma=False), False, "int8_mma=False"),
+                                      (int8, dict(int8_mma=True, block_k=64), False, "block_k"),
+                                      (int8, dict(int8_mma=True), True, "interpret")]:
+    with pytest.raises(ValueError, match=why):
+      pick(kv, "mosaic", interpret, **options)
+  with pytest.raises(ValueError, match="kernel must be"):
+    pick(int8, "cuda")
+
+
 def test_linear_paths_agree():
   q, k, v = _cache(3, b=1, t=20, hq=2, hkv=2, c=20)
   decay = jnp.array([-0.1, -0.02])

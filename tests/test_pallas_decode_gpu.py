@@ -101,9 +101,10 @@ def test_mgpu_int8_decode_matches_dequantized_reference(value_group, head_dim, q
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("int8_dots", [False, True])
-def test_kivi_kernel_cache_decode_step(bits, int8_dots):
-  """KIVIKernelCache written in ragged chunks, then one decode step: quantised part on the kernel,
-  full-precision ring on XLA, merged; against the cache's own XLA path in float32."""
+def test_kivi_kernel_cache_decode_step(bits, int8_dots, monkeypatch):
+  """KIVIKernelCache written in ragged chunks, then one decode step: quantised part on the kernel
+  (int8 codes on int8 dots: the Mosaic GPU kernel, else Triton), full-precision ring on XLA,
+  merged; against the cache's own XLA path in float32."""
   from lcjax.cache import KIVIKernelCache
   q, k, v = _inputs(10 + bits)
   lengths = np.array([5000, 3100, 129, 1])
@@ -114,7 +115,13 @@ def test_kivi_kernel_cache_decode_step(bits, int8_dots):
   for s in range(0, 5000, 1000):
     cache = update(cache, k[:, s:s + 1000], v[:, s:s + 1000], jnp.asarray(np.clip(lengths - s, 0, 1000)))
   assert cache.kernel_unsupported_reason(q) is None
+  calls = []
+  for module, name in ((decode_quant, "triton"), (decode_quant_mgpu, "mosaic")):
+    real = module.quantized_decode_attention
+    monkeypatch.setattr(module, "quantized_decode_attention",
+                        lambda *a, real=real, name=name, **kw: calls.append(name) or real(*a, **kw))
   out = jax.jit(lambda c, q: c.attend(q))(cache, q)
+  assert calls == ["mosaic" if bits == 8 and int8_dots else "triton"]
   err = _rel(out, cache.attend(q.astype(jnp.float32), implementation="xla"))
   assert err < (3e-2 if int8_dots else 5e-3), err
 

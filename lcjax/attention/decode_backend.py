@@ -33,7 +33,7 @@ from lcjax.attention.masks import causal
 from lcjax.attention.reference import attention_reference
 from lcjax.sharding.rules import active_mesh, logical_to_spec
 from pallas_kernels.gpu import decode as decode_kernels
-from pallas_kernels.gpu import decode_quant
+from pallas_kernels.gpu import decode_quant, decode_quant_mgpu
 from pallas_kernels.gpu import linear as linear_kernels
 from pallas_kernels.gpu.decode_quant import QuantizedKV, dequantize_kv, quantize_kv  # noqa: F401
 
@@ -159,21 +159,52 @@ def decode_attend(q, k, v, lengths, *, layout: BlockLayout | None = None, scale:
                              q_offset=lengths - q.shape[1], kv_valid_len=lengths, return_lse=return_lse)
 
 
+_TRITON_ONLY_OPTIONS = ("block_k", "num_warps", "num_stages")
+
+
+def _quantized_kernel(q, kv: QuantizedKV, kernel: str, interpret: bool, kernel_options) -> str:
+  """"triton" or "mosaic": which quantised decode kernel serves the call (see quantized_decode_attend)."""
+  if kernel not in ("auto", "triton", "mosaic"):
+    raise ValueError(f"kernel must be 'auto', 'triton' or 'mosaic'; got {kernel!r}")
+  if kernel == "triton":
+    return kernel
+  why = decode_quant_mgpu.config_reason(q.shape, kv)
+  if not kernel_options.get("int8_mma", False):
+    why = "int8_mma=False (the Mosaic GPU kernel has int8 tensor-core dots only)"
+  elif (triton_only := [k for k in _TRITON_ONLY_OPTIONS if k in kernel_options]):
+    why = f"options {triton_only} are the Triton kernel's"
+  elif interpret:
+    why = "interpret mode (Mosaic GPU's interpreter cannot run wgmma)"
+  if kernel == "mosaic":
+    if why is not None:
+      raise ValueError(f"kernel='mosaic' cannot serve this call: {why}; use kernel='auto' or 'triton'")
+    return kernel
+  return "mosaic" if why is None and decode_quant_mgpu.supports(q, kv) else "triton"
+
+
 def quantized_decode_attend(q, kv: QuantizedKV, lengths, *, scale: float | None = None,
                             return_lse: bool = False, implementation: str = "auto",
-                            interpret: bool = False, **kernel_options):
+                            interpret: bool = False, kernel: str = "auto", **kernel_options):
   """Causal decode attention over a QuantizedKV cache (dequantised inside the kernel).
 
   kernel_options: block_k, num_splits, num_warps, num_stages, int8_mma (int8 tensor-core dots,
-  the fast path for int8 and int4: int8 1.50-1.75x, int4 2.17-2.35x cuDNN's bf16 tokens/s on the
-  H200 at 32k-128k keys with the defaults; relative error ~1 % instead of ~0.3-0.5 %; see
-  BENCHMARKS.md runs 10-12).
+  the fast path for int8 and int4: relative error ~1 % instead of ~0.3-0.5 %).
+  kernel: "auto" takes the Mosaic GPU kernel (pallas_kernels.gpu.decode_quant_mgpu) for int8 codes
+  with int8_mma on a Hopper GPU when its config_reason is None and no Triton-only option (block_k,
+  num_warps, num_stages) is given, else the Triton kernel (decode_quant); "triton" or "mosaic"
+  choose one (for benchmarks and tests). On the H200 at 32k-128k keys with the defaults: int8
+  1.74-1.77x cuDNN's bf16 tokens/s (Mosaic GPU; Triton 1.62-1.71x), int4 2.17-2.35x (Triton);
+  BENCHMARKS.md runs 10-13.
   """
   lengths = jnp.asarray(lengths, jnp.int32)
   use_pallas, interpret = _use_pallas(implementation, interpret)
   if use_pallas:
-    kernel = functools.partial(decode_quant.quantized_decode_attention, scale=scale,
-                               interpret=interpret, return_lse=return_lse, **kernel_options)
+    if _quantized_kernel(q, kv, kernel, interpret, kernel_options) == "mosaic":
+      kernel = functools.partial(decode_quant_mgpu.quantized_decode_attention, scale=scale,
+                                 return_lse=return_lse, num_splits=kernel_options.get("num_splits"))
+    else:
+      kernel = functools.partial(decode_quant.quantized_decode_attention, scale=scale,
+                                 interpret=interpret, return_lse=return_lse, **kernel_options)
     return _on_mesh_shards(kernel, (q, kv, lengths), (2, _QKV_HEAD_AXES, None),
                            (2, 1) if return_lse else 2, q.shape[0], kv.k_codes.shape[2])
   k, v = dequantize_kv(kv, q.dtype)
