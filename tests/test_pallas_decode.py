@@ -128,18 +128,20 @@ def test_decode_kernels_lower_for_h100():
       assert exported.mlir_module().count(f"custom_call @{target}") == 1
 
 
-@pytest.mark.parametrize("head_dim,value_group,q_len", [(128, 64, 1), (128, 128, 2), (64, 64, 1)])
-def test_mgpu_int8_decode_lowers_for_h100(head_dim, value_group, q_len):
-  """The Mosaic GPU int8 decode kernel lowers (layouts, transposed P^T store, TMA slices) to one
-  Mosaic GPU custom call for an H100 target without a GPU; Mosaic GPU's interpreter cannot run
-  its wgmma, so tests/test_pallas_decode_gpu.py checks its numbers on the device machine."""
+@pytest.mark.parametrize("bits,head_dim,value_group,q_len",
+                         [(8, 128, 64, 1), (8, 128, 128, 2), (8, 64, 64, 1), (4, 128, 64, 1), (4, 128, 128, 2)])
+def test_mgpu_quantized_decode_lowers_for_h100(bits, head_dim, value_group, q_len):
+  """The Mosaic GPU int8 / int4 decode kernel lowers (layouts, int4's register unpacking, the
+  transposed P^T store, TMA slices) to one Mosaic GPU custom call for an H100 target without a
+  GPU; Mosaic GPU's interpreter cannot run its wgmma, so tests/test_pallas_decode_gpu.py checks
+  its numbers on the device machine."""
   from jax import export
   from jax._src import mesh as mesh_lib
   from pallas_kernels.gpu import decode_quant, decode_quant_mgpu
   S = jax.ShapeDtypeStruct
   b, hq, hkv, c = 2, 8, 2, 1024
   kv = S((b, c, hkv, head_dim), jnp.bfloat16)
-  cache = jax.eval_shape(lambda: decode_quant.quantize_kv(jnp.zeros(kv.shape), jnp.zeros(kv.shape), bits=8,
+  cache = jax.eval_shape(lambda: decode_quant.quantize_kv(jnp.zeros(kv.shape), jnp.zeros(kv.shape), bits=bits,
                                                           key_group=128, value_group=value_group))
   assert decode_quant_mgpu.config_reason((b, q_len, hq, head_dim), cache) is None
   target = "mosaic_gpu_v2"
@@ -151,11 +153,12 @@ def test_mgpu_int8_decode_lowers_for_h100(head_dim, value_group, q_len):
   assert exported.mlir_module().count(f"custom_call @{target}") == 1
 
 
-def test_mgpu_int8_decode_config_reason_names_what_it_refuses():
+def test_mgpu_quantized_decode_config_reason_names_what_it_refuses():
   from pallas_kernels.gpu import decode_quant, decode_quant_mgpu
   shape = lambda bits, vg, d=128: jax.eval_shape(lambda: decode_quant.quantize_kv(
       jnp.zeros((1, 256, 2, d)), jnp.zeros((1, 256, 2, d)), bits=bits, key_group=128, value_group=vg))
-  assert "4-bit" in decode_quant_mgpu.config_reason((1, 1, 8, 128), shape(4, 64))
+  assert decode_quant_mgpu.config_reason((1, 1, 8, 128), shape(4, 64)) is None
+  assert "int4" in decode_quant_mgpu.config_reason((1, 1, 8, 64), shape(4, 32, d=64))
   assert "value_group 32" in decode_quant_mgpu.config_reason((1, 1, 8, 128), shape(8, 32))
   assert "query rows" in decode_quant_mgpu.config_reason((1, 3, 8, 128), shape(8, 64))
   with pytest.raises(ValueError, match="does not take this call"):

@@ -82,13 +82,15 @@ def test_quantized_decode_matches_dequantized_reference(bits, value_group, int8_
   assert err < (3e-2 if int8_mma else 5e-3), err
 
 
-@pytest.mark.parametrize("value_group,head_dim,q_len", [(64, 128, 1), (128, 128, 2), (64, 64, 1)])
-def test_mgpu_int8_decode_matches_dequantized_reference(value_group, head_dim, q_len):
-  """The Mosaic GPU int8 kernel (scores transposed, keys as the wgmma rows): the same error budget
-  as the Triton kernel's int8 dots, and within 1.5x of that kernel's own error."""
+@pytest.mark.parametrize("bits,value_group,head_dim,q_len",
+                         [(8, 64, 128, 1), (8, 128, 128, 2), (8, 64, 64, 1), (4, 64, 128, 1), (4, 128, 128, 2)])
+def test_mgpu_quantized_decode_matches_dequantized_reference(bits, value_group, head_dim, q_len):
+  """The Mosaic GPU int8 / int4 kernel (scores transposed, keys as the wgmma rows; int4 unpacked
+  in registers): the same error budget as the Triton kernel's int8 dots, and within 1.5x of
+  that kernel's own error."""
   q, k, v = _inputs(5, q_len)
   q, k, v = q[..., :head_dim], k[..., :head_dim], v[..., :head_dim]
-  kv = decode_quant.quantize_kv(k, v, bits=8, key_group=128, value_group=value_group)
+  kv = decode_quant.quantize_kv(k, v, bits=bits, key_group=128, value_group=value_group)
   kd, vd = decode_quant.dequantize_kv(kv)
   ref = _reference(q, kd, vd, LENGTHS)
   out, lse = decode_quant_mgpu.quantized_decode_attention(q, kv, LENGTHS, return_lse=True)

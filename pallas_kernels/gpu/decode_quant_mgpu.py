@@ -1,4 +1,4 @@
-"""int8 KV-cache decode on Hopper in Pallas Mosaic GPU, with the scores computed transposed.
+"""int8 / int4 KV-cache decode on Hopper in Pallas Mosaic GPU, with the scores computed transposed.
 
 The Triton kernel (decode_quant.py) computes the score tile as [16 query rows, 128 keys]: Triton
 dots need every dimension >= 16, and a decode step has only q_len * group real rows (4 at GQA 4),
@@ -8,10 +8,17 @@ so three quarters of the element-wise softmax work is padding. Here the keys are
   O_j^T [64 channels, 8] += V_codes_j [64 channels, 128 keys] . P_g^T [128 keys, 8]
 
 wgmma takes N = 8 columns (the packed query rows, q_len * group <= 8), so a warpgroup holds 8 score
-elements per thread per 128-key tile. Both cache tiles go by TMA straight into the wgmma operands:
-the key codes are token-major (D contiguous) and the value codes channel-major (tokens
-contiguous), which is the K-major layout int8 wgmma needs for A. Only P^T goes through shared
-memory, written by the threads.
+elements per thread per 128-key tile. Both cache tiles go by TMA into shared memory: the key codes
+are token-major (D contiguous) and the value codes channel-major (tokens contiguous), which is
+the K-major layout int8 wgmma needs for A. int8 tiles are the A operands as they lie; int4 tiles
+(D = 128: byte j holds channel j in its low nibble and j + 64 in its high one) are loaded into
+registers in wgmma's A-fragment layout (WGMMA_8BIT) and unpacked there to 16 * nibble, one or two
+32-bit instructions per four bytes, giving the two 64-channel halves as register A operands:
+
+  S^T = K_lo . Q_lo^T + K_hi . Q_hi^T      (Q_lo, Q_hi: the query operand's channel halves)
+  O_lo^T += V_lo . P_g^T,  O_hi^T += V_hi . P_g'^T
+
+and the factor 16 goes into the scales. Only P^T goes through shared memory, written by the threads.
 
 Numerics are those of the Triton kernel's int8 path (decode_quant.quantized_decode_attention with
 int8_mma=True): the key scales are folded into the queries once per tile inside the kernel
@@ -21,9 +28,9 @@ is applied to the int32 product. The softmax sums l and p . v_zero are kept as p
 (rescaled by alpha every tile, reduced over keys once at the end), so the per-tile cross-warp
 reductions are only the maxima (scores per column, value scales per group).
 
-Shapes: q [B, T, Hq, D] bf16 / f16, T * Hq / Hkv <= 8, D 64 or 128; a QuantizedKV with 8-bit
-codes, key_group a multiple of 128, value_group a multiple of 64 dividing D, capacity a multiple
-of 128. Mosaic GPU's interpreter cannot run wgmma kernels, so the kernel is tested on the GPU
+Shapes: q [B, T, Hq, D] bf16 / f16, T * Hq / Hkv <= 8; a QuantizedKV with 8-bit codes at D 64
+or 128 or 4-bit codes at D 128, key_group a multiple of 128, value_group a multiple of 64 dividing
+D, capacity a multiple of 128. Mosaic GPU's interpreter cannot run wgmma kernels, so the kernel is tested on the GPU
 (tests/test_pallas_decode_gpu.py); CPU CI checks that it lowers for an H100
 (tests/test_pallas_decode.py).
 """
@@ -35,9 +42,13 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import arith
 
 from pallas_kernels.gpu.decode import (NUM_SMS, merge_splits, pack_queries, split_range,
                                        unpack_rows, validate_decode_args)
@@ -53,10 +64,10 @@ def config_reason(q_shape, kv: QuantizedKV) -> str | None:
   """None when this kernel takes the call (device aside), else why not."""
   _, q_len, q_heads, head_dim = q_shape
   kv_heads = kv.k_codes.shape[2]
-  if kv.bits != 8:
-    return f"{kv.bits}-bit codes; the Mosaic GPU kernel takes int8"
-  if head_dim not in (64, 128):
-    return f"head_dim {head_dim}; the Mosaic GPU kernel takes 64 or 128"
+  if kv.bits == 8 and head_dim not in (64, 128):
+    return f"head_dim {head_dim}; the Mosaic GPU kernel takes 64 or 128 with int8 codes"
+  if kv.bits == 4 and head_dim != 2 * M_GROUP:
+    return f"head_dim {head_dim}; the Mosaic GPU kernel takes {2 * M_GROUP} with int4 codes (a nibble half per wgmma)"
   if q_len * (q_heads // kv_heads) > COLS:
     return f"q_len * group = {q_len * (q_heads // kv_heads)} query rows per KV head; at most {COLS}"
   if kv.key_group % BLOCK_K or kv.capacity % BLOCK_K:
@@ -85,17 +96,41 @@ def _smem_tile(shape, dtype, row_bytes: int):
                                               plgpu.SwizzleTransform(row_bytes)))
 
 
-def _fold_layouts(head_dim: int):
-  """The layout of the [COLS, D] query fold: warp w holds rows 2w, 2w + 1, each row spread over 16
-  lanes (D / 16 channels per lane), so its reductions over channels are shuffles within a warp;
-  and the layouts of its [D] (per channel) and [COLS] (per row) vectors."""
-  fold = plgpu.Layout.TILED(plgpu.Tiling(((COLS, head_dim), (2, head_dim), (head_dim // 16,))),
+def _fold_layouts(width: int):
+  """The layout of a [COLS, width] part of the query fold (width = D, or D / 2 for int4's nibble
+  halves): warp w holds rows 2w, 2w + 1, each row spread over 16 lanes (width / 16 channels per
+  lane), so its reductions over channels are shuffles within a warp; and the layouts of its
+  [width] (per channel) and [COLS] (per row) vectors."""
+  fold = plgpu.Layout.TILED(plgpu.Tiling(((COLS, width), (2, width), (width // 16,))),
                             warp_dims=(-5,), lane_dims=(-3, -2), vector_dim=-1)
   return fold, fold.reduce(0), fold.reduce(1)
 
 
+_HIGH_NIBBLES = 0xF0F0F0F0 - (1 << 32)    # as a signed int32
+
+
+def _nibbles_times16(packed, part: int):
+  """int8 packed nibbles [M, K] in the WGMMA_8BIT layout -> int8 16 * (signed nibble of `part`):
+  a byte (hi, lo) is, as int8, 16 * hi + lo, so byte & 0xF0 = 16 * hi and byte << 4 = 16 * lo
+  exactly; done on each thread's 32-bit registers (four bytes) at once."""
+  layout = plgpu.Layout.WGMMA_8BIT
+
+  @plgpu.inline_mgpu(arg_types=(layout,),
+                     return_type=plgpu.ShapeDtypeStruct(packed.shape, jnp.int8, layout=layout))
+  def unpack(_, x):
+    i32 = ir.IntegerType.get_signless(32)
+    regs = np.empty_like(x.registers)
+    for idx, reg in np.ndenumerate(x.registers):
+      word = mgpu.utils.bitcast(reg, i32)
+      if part == 0:
+        word = arith.shli(word, mgpu.utils.c(4, i32))
+      regs[idx] = mgpu.utils.bitcast(arith.andi(word, mgpu.utils.c(_HIGH_NIBBLES, i32)), reg.type)
+    return mgpu.FragmentedArray(_registers=regs, _layout=x.layout, _is_signed=True)
+  return unpack(packed)
+
+
 def _kernel(len_ref, q_ref, ks_ref, kz_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_ref, lse_ref, smem, bars, *,
-            scale, n, group, q_len, num_splits, stages, key_group, value_group, head_dim):
+            scale, n, group, q_len, num_splits, stages, key_group, value_group, head_dim, bits):
   split, h, b = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("batch")
   q_in_sm, q_sm, qsb_sm, ks_sm, kz_sm, k_sm, v_sm, vs_sm, vz_sm, p_sm = smem
   q_bar, bars = bars[0], bars[1:]
@@ -105,6 +140,9 @@ def _kernel(len_ref, q_ref, ks_ref, kz_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_re
   # Tiles wholly at or before the first new query's position are seen by every query: no mask.
   unmasked_end = jnp.clip((length - q_len + 1) // BLOCK_K, lo, hi)
   groups = head_dim // value_group
+  parts = 8 // bits                       # nibble halves per byte
+  width = head_dim // parts               # channels per part = bytes per row
+  code_unit = 1.0 if bits == 8 else 1 / 16     # int4 operands are 16 * code
   shape = (BLOCK_K, COLS)
   wgmma_layout = plgpu.Layout.WGMMA
   col_layout = wgmma_layout.reduce(0)     # [COLS] vectors, one value per query column
@@ -112,7 +150,7 @@ def _kernel(len_ref, q_ref, ks_ref, kz_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_re
   # [BLOCK_K] vectors held whole by every warp (4 per lane): their maximum needs only shuffles.
   warp_layout = plgpu.Layout.TILED(plgpu.Tiling(((BLOCK_K,), (4,))), warp_dims=(plgpu.Replicated(4),),
                                    lane_dims=(-2,), vector_dim=-1)
-  fold_layout, channel_layout, fold_row_layout = _fold_layouts(head_dim)
+  fold_layout, channel_layout, fold_row_layout = _fold_layouts(width)
   cols = lambda x: lax.broadcast_in_dim(x, shape, [1])
   rows = lambda x: lax.broadcast_in_dim(x, shape, [0])
 
@@ -131,21 +169,27 @@ def _kernel(len_ref, q_ref, ks_ref, kz_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_re
   for i in range(stages):
     pl.when(lo + i < hi)(functools.partial(issue, lo + i, i))
   plgpu.barrier_wait(q_bar)
-  q = plgpu.load(q_in_sm, layout=fold_layout).astype(jnp.float32) * (scale * _LOG2E)   # base 2
+  part_cols = lambda p: pl.ds(p * width, width)
+  q = [plgpu.load(q_in_sm.at[:, part_cols(p)], layout=fold_layout).astype(jnp.float32) * (scale * _LOG2E)
+       for p in range(parts)]                                            # base 2, [COLS, width] each
 
   def fold_query(slot):
     """q . k = (q * ks) . code + q . kz per key group: writes the int8 operand round(q * ks /
-    row scale) to q_sm and the row scale and bias to qsb_sm (SageAttention-style int8 queries)."""
+    row scale) to q_sm (one [COLS, width] part per nibble half) and the row scale and bias to
+    qsb_sm (SageAttention-style int8 queries)."""
     channel = lambda ref: plgpu.layout_cast(
-        lax.broadcast_in_dim(plgpu.load(ref, layout=channel_layout).astype(jnp.float32), q.shape, [1]),
+        lax.broadcast_in_dim(plgpu.load(ref, layout=channel_layout).astype(jnp.float32), q[0].shape, [1]),
         fold_layout)
-    qk = q * channel(ks_sm.at[slot])
-    amax = jnp.max(jnp.abs(qk), axis=1)
-    inv_scale = jnp.where(amax > 0, 127.0 / amax, 0.0)
-    x = qk * plgpu.layout_cast(lax.broadcast_in_dim(inv_scale, q.shape, [0]), fold_layout)
-    q_sm[...] = jnp.where(x >= 0, x + 0.5, x - 0.5).astype(jnp.int8)        # round half away
-    qsb_sm[0, :] = amax * (1 / 127.0)
-    qsb_sm[1, :] = jnp.sum(q * channel(kz_sm.at[slot]), axis=1)
+    qk = [qp * channel(ks_sm.at[slot, part_cols(p)]) for p, qp in enumerate(q)]
+    amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x), axis=1) for x in qk])
+    inv_scale = plgpu.layout_cast(lax.broadcast_in_dim(jnp.where(amax > 0, 127.0 / amax, 0.0), q[0].shape, [0]),
+                                  fold_layout)
+    for p, x in enumerate(qk):
+      x = x * inv_scale
+      q_sm[p] = jnp.where(x >= 0, x + 0.5, x - 0.5).astype(jnp.int8)       # round half away
+    qsb_sm[0, :] = amax * (code_unit / 127.0)
+    qsb_sm[1, :] = functools.reduce(
+        jnp.add, [jnp.sum(qp * channel(kz_sm.at[slot, part_cols(p)]), axis=1) for p, qp in enumerate(q)])
     plgpu.commit_smem()                  # the operand visible to the tensor cores, the vectors to all
 
   col_ids = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wgmma_layout)
@@ -160,9 +204,16 @@ def _kernel(len_ref, q_ref, ks_ref, kz_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_re
     fold_query(slot)
 
     def scores(acc_ref):
-      plgpu.wgmma(acc_ref, k_sm.at[slot], q_sm.T)
+      if bits == 8:
+        plgpu.wgmma(acc_ref, k_sm.at[slot], q_sm.at[0].T)
+      else:
+        packed = plgpu.load(k_sm.at[slot], layout=plgpu.Layout.WGMMA_8BIT)
+        for p in range(parts):
+          plgpu.wgmma(acc_ref, _nibbles_times16(packed, p), q_sm.at[p].T)
       return acc_ref[...]
     s_int = pl.run_scoped(scores, plgpu.ACC(shape, jnp.int32))
+    if bits == 4:       # read before the barrier after the P^T stores, which frees the slot
+      packed_v = plgpu.load(v_sm.at[slot], layout=plgpu.Layout.WGMMA_8BIT)     # [64 bytes, BLOCK_K]
     q_scale = plgpu.load(qsb_sm.at[0], layout=col_layout)
     q_bias = plgpu.load(qsb_sm.at[1], layout=col_layout)
     s = s_int.astype(jnp.float32) * cols(q_scale) + cols(q_bias)          # base-2 logits
@@ -198,13 +249,14 @@ def _kernel(len_ref, q_ref, ks_ref, kz_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_re
       # WGMMA_TRANSPOSED exists for 16 and 32 bits only), then round p * vs / vmax * 127.
       p_q = plgpu.layout_cast(p * vs_b * (127.0 / v_max) + 0.5, plgpu.Layout.WGMMA_TRANSPOSED)
       p_sm.at[g].T[...] = p_q.astype(jnp.int8)
-      units.append(v_max * (1 / 127.0) * tile_factor)
+      units.append(v_max * (code_unit / 127.0) * tile_factor)
     plgpu.commit_smem()                  # P^T visible to the tensor cores
 
     def values(acc_refs):
-      for j, acc_ref in enumerate(acc_refs):
-        plgpu.wgmma(acc_ref, v_sm.at[slot, pl.ds(j * M_GROUP, M_GROUP)],
-                    p_sm.at[j * M_GROUP // value_group].T)
+      for j, acc_ref in enumerate(acc_refs):          # 64 output channels each
+        codes = (v_sm.at[slot, pl.ds(j * M_GROUP, M_GROUP)] if bits == 8
+                 else _nibbles_times16(packed_v, j))
+        plgpu.wgmma(acc_ref, codes, p_sm.at[j * M_GROUP // value_group].T)
       return [acc_ref[...] for acc_ref in acc_refs]
     o_int = pl.run_scoped(values, [plgpu.ACC((M_GROUP, COLS), jnp.int32)] * len(acc))
     acc = [a * lax.broadcast_in_dim(alpha, a.shape, [1])
@@ -236,8 +288,8 @@ def _kernel(len_ref, q_ref, ks_ref, kz_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_re
 
 
 def default_num_splits(batch: int, kv_heads: int, num_tiles: int) -> int:
-  """Two programs per SM, one full wave (4 splits at B8 Hkv8: 153 us at 32k against 158-179 us
-  for 6, 8 or 12 splits; BENCHMARKS.md run 13)."""
+  """Two programs per SM, one full wave (int8: 4 splits at B8 Hkv8, 153 us at 32k against 158-179
+  us for 6, 8 or 12 splits; BENCHMARKS.md run 13)."""
   return int(max(1, min(2 * NUM_SMS // (batch * kv_heads), num_tiles)))
 
 
@@ -245,7 +297,7 @@ def default_num_splits(batch: int, kv_heads: int, num_tiles: int) -> int:
 def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | None = None,
                                num_splits: int | None = None, stages: int = 2,
                                return_lse: bool = False):
-  """Decode attention of q [B, T, Hq, D] (bf16 / f16) over an int8 QuantizedKV cache.
+  """Decode attention of q [B, T, Hq, D] (bf16 / f16) over an int8 or int4 QuantizedKV cache.
 
   Same contract and numerics as decode_quant.quantized_decode_attention(..., int8_mma=True);
   config_reason says which shapes it takes. stages: cache tiles in flight per program.
@@ -256,9 +308,9 @@ def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | No
   validate_decode_args(q, jax.ShapeDtypeStruct((batch, capacity, kv_heads, head_dim), q.dtype),
                        jax.ShapeDtypeStruct((batch, capacity, kv_heads, head_dim), q.dtype), lengths)
   if (reason := config_reason(q.shape, kv)) is not None:
-    raise ValueError(f"the Mosaic GPU int8 decode kernel does not take this call: {reason}")
+    raise ValueError(f"the Mosaic GPU quantised decode kernel does not take this call: {reason}")
   if q.dtype not in (jnp.bfloat16, jnp.float16):
-    raise ValueError(f"q must be bfloat16 or float16 for the Mosaic GPU int8 kernel; got {q.dtype}")
+    raise ValueError(f"q must be bfloat16 or float16 for the Mosaic GPU quantised kernel; got {q.dtype}")
   scale = head_dim ** -0.5 if scale is None else scale
   group = q_heads // kv_heads
   n = q_len * group
@@ -267,16 +319,17 @@ def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | No
   groups = head_dim // kv.value_group
   kernel = functools.partial(_kernel, scale=scale, n=n, group=group, q_len=q_len, num_splits=splits,
                              stages=stages, key_group=kv.key_group, value_group=kv.value_group,
-                             head_dim=head_dim)
+                             head_dim=head_dim, bits=kv.bits)
+  width = kv.k_codes.shape[-1]                                         # bytes per cache row
 
   def entry(*refs):
     smem = (plgpu.SMEM((COLS, head_dim), q.dtype),                             # packed queries
-            _smem_tile((COLS, head_dim), jnp.int8, head_dim),                  # query operand
+            _smem_tile((head_dim // width, COLS, width), jnp.int8, width),     # query operand parts
             plgpu.SMEM((2, COLS), jnp.float32),                                # its scale, bias
             plgpu.SMEM((stages, head_dim), jnp.float16),                       # key scales
             plgpu.SMEM((stages, head_dim), jnp.float16),                       # key zeros
-            _smem_tile((stages, BLOCK_K, head_dim), jnp.int8, head_dim),       # key codes
-            _smem_tile((stages, head_dim, BLOCK_K), jnp.int8, BLOCK_K),        # value codes
+            _smem_tile((stages, BLOCK_K, width), jnp.int8, width),             # key codes
+            _smem_tile((stages, width, BLOCK_K), jnp.int8, BLOCK_K),           # value codes
             plgpu.SMEM((stages, groups, BLOCK_K), jnp.float16),                # value scales
             plgpu.SMEM((stages, groups, BLOCK_K), jnp.float16),                # value zeros
             _smem_tile((groups, COLS, BLOCK_K), jnp.int8, BLOCK_K))            # P_g (P^T's rows)
