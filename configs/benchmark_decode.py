@@ -13,9 +13,10 @@ CONFIG = dict(
     # default on int8 dots (4 per SM), 16 = the float16-dot default (8 per SM).
     quant_sweep=((128, 6, 2, 3, True), (128, 8, 2, 3, True), (128, 16, 2, 3, True),
                  (128, 16, 4, 3, True), (128, 16, 4, 3, False)),
-    # (num_splits, stages) for the Mosaic GPU int8 kernel (decode_quant_mgpu): 4 splits at 2 stages
-    # is its default (one wave of 2 programs per SM at B8 Hkv8).
-    mosaic_sweep=((4, 2), (4, 3)),
+    # (bits, block_k, num_splits, stages) of the Mosaic GPU kernel (decode_quant_mgpu); its
+    # defaults: block_k 128 (int8) / 256 (int4), 4 splits (one wave of 2 programs per SM at B8
+    # Hkv8), 2 stages.
+    mosaic_sweep=((8, 128, 4, 2), (8, 128, 4, 3), (4, 256, 4, 2), (4, 256, 6, 2), (4, 128, 6, 3)),
     key_group=128, value_groups=(128, 64),   # int4: groups within one nibble half, or all of D
     # (bits, value_group) of the KIVIKernelCache decode steps timed through the cache API
     # (key group = key_group), beside DenseKVCache; () skips them.

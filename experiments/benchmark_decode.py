@@ -1,5 +1,5 @@
-"""Decode-kernel benchmark (issue 5): lcjax's split-KV kernels (Triton; int8 also Mosaic GPU)
-beside cuDNN, XLA and JAX's Pallas decode.
+"""Decode-kernel benchmark (issue 5): lcjax's split-KV kernels (Triton; int8 / int4 also Mosaic
+GPU) beside cuDNN, XLA and JAX's Pallas decode.
 
   PYTHONPATH=. python3 -m experiments.benchmark_decode --config configs/benchmark_decode.py \
       [--config.lengths=32768,131072] [--config.iters=30]
@@ -240,11 +240,11 @@ def main(argv):
                         decode_quant.quantized_decode_attention(q, c, l, block_k=bk, num_splits=s,
                                                                 num_warps=w, num_stages=st, int8_mma=i8)))
                for bk, splits, warps, stages, i8 in cfg["quant_sweep"]]
-      if decode_quant_mgpu.config_reason(q.shape, qkv) is None:      # int8: the Mosaic GPU kernel
-        sweep += [(f"int{bits} vg{vg} mosaic s{splits} st{stages}",
-                   jax.jit(lambda q, c, l, s=splits, st=stages:
-                           decode_quant_mgpu.quantized_decode_attention(q, c, l, num_splits=s, stages=st)))
-                  for splits, stages in cfg["mosaic_sweep"]]
+      sweep += [(f"int{bits} vg{vg} mosaic bk{bk} s{splits} st{stages}",
+                 jax.jit(lambda q, c, l, bk=bk, s=splits, st=stages: decode_quant_mgpu.quantized_decode_attention(
+                     q, c, l, block_k=bk, num_splits=s, stages=st)))
+                for sweep_bits, bk, splits, stages in cfg["mosaic_sweep"]
+                if sweep_bits == bits and decode_quant_mgpu.config_reason(q.shape, qkv, bk) is None]
       for name, f in sweep:
         try:
           err = rel_err(f(q, qkv, lengths), qref)

@@ -1,4 +1,5 @@
 """Split-KV decode kernels (dense and block-sparse) in interpret mode vs the XLA reference."""
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,12 +129,13 @@ def test_decode_kernels_lower_for_h100():
       assert exported.mlir_module().count(f"custom_call @{target}") == 1
 
 
-@pytest.mark.parametrize("bits,head_dim,value_group,q_len",
-                         [(8, 128, 64, 1), (8, 128, 128, 2), (8, 64, 64, 1), (4, 128, 64, 1), (4, 128, 128, 2)])
-def test_mgpu_quantized_decode_lowers_for_h100(bits, head_dim, value_group, q_len):
+@pytest.mark.parametrize("bits,head_dim,value_group,q_len,block_k,key_group",
+                         [(8, 128, 64, 1, 128, 128), (8, 128, 128, 2, 256, 128), (8, 64, 64, 1, None, 128),
+                          (4, 128, 64, 1, None, 128), (4, 128, 128, 2, 128, 128), (4, 128, 64, 1, 256, 256)])
+def test_mgpu_quantized_decode_lowers_for_h100(bits, head_dim, value_group, q_len, block_k, key_group):
   """The Mosaic GPU int8 / int4 decode kernel lowers (layouts, int4's register unpacking, the
-  transposed P^T store, TMA slices) to one Mosaic GPU custom call for an H100 target without a
-  GPU; Mosaic GPU's interpreter cannot run its wgmma, so tests/test_pallas_decode_gpu.py checks
+  transposed P^T store, TMA slices, one or two key groups per tile) to one Mosaic GPU custom call
+  for an H100 target without a GPU; Mosaic GPU's interpreter cannot run its wgmma, so tests/test_pallas_decode_gpu.py checks
   its numbers on the device machine."""
   from jax import export
   from jax._src import mesh as mesh_lib
@@ -142,12 +144,13 @@ def test_mgpu_quantized_decode_lowers_for_h100(bits, head_dim, value_group, q_le
   b, hq, hkv, c = 2, 8, 2, 1024
   kv = S((b, c, hkv, head_dim), jnp.bfloat16)
   cache = jax.eval_shape(lambda: decode_quant.quantize_kv(jnp.zeros(kv.shape), jnp.zeros(kv.shape), bits=bits,
-                                                          key_group=128, value_group=value_group))
-  assert decode_quant_mgpu.config_reason((b, q_len, hq, head_dim), cache) is None
+                                                          key_group=key_group, value_group=value_group))
+  assert decode_quant_mgpu.config_reason((b, q_len, hq, head_dim), cache, block_k) is None
   target = "mosaic_gpu_v2"
   h100 = mesh_lib.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
-    exported = export.export(jax.jit(decode_quant_mgpu.quantized_decode_attention), platforms=["cuda"],
+    exported = export.export(jax.jit(functools.partial(decode_quant_mgpu.quantized_decode_attention, block_k=block_k)),
+                             platforms=["cuda"],
                              disabled_checks=[export.DisabledSafetyCheck.custom_call(target)])(
                                  S((b, q_len, hq, head_dim), jnp.bfloat16), cache, S((b,), jnp.int32))
   assert exported.mlir_module().count(f"custom_call @{target}") == 1
@@ -159,6 +162,12 @@ def test_mgpu_quantized_decode_config_reason_names_what_it_refuses():
       jnp.zeros((1, 256, 2, d)), jnp.zeros((1, 256, 2, d)), bits=bits, key_group=128, value_group=vg))
   assert decode_quant_mgpu.config_reason((1, 1, 8, 128), shape(4, 64)) is None
   assert "int4" in decode_quant_mgpu.config_reason((1, 1, 8, 64), shape(4, 32, d=64))
+  assert "block_k 64" in decode_quant_mgpu.config_reason((1, 1, 8, 128), shape(8, 64), block_k=64)
+  assert decode_quant_mgpu.config_reason((1, 1, 8, 128), shape(8, 64), block_k=256) is None
+  odd = jax.eval_shape(lambda: decode_quant.quantize_kv(jnp.zeros((1, 384, 2, 128)), jnp.zeros((1, 384, 2, 128)),
+                                                        bits=4, key_group=128, value_group=64))
+  assert "capacity 384" in decode_quant_mgpu.config_reason((1, 1, 8, 128), odd)        # int4's 256 tiles
+  assert decode_quant_mgpu.config_reason((1, 1, 8, 128), odd, block_k=128) is None
   assert "value_group 32" in decode_quant_mgpu.config_reason((1, 1, 8, 128), shape(8, 32))
   assert "query rows" in decode_quant_mgpu.config_reason((1, 3, 8, 128), shape(8, 64))
   with pytest.raises(ValueError, match="does not take this call"):

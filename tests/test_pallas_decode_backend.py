@@ -60,8 +60,8 @@ def test_quantized_decode_attend_paths_agree():
 
 
 def test_quantized_kernel_choice_says_why_mosaic_cannot_serve():
-  """Which quantised decode kernel serves a call: "auto" takes Mosaic GPU only for int8 codes with
-  int8_mma and no Triton-only option, on a Hopper GPU (never on this CPU); "mosaic" names why not."""
+  """Which quantised decode kernel serves a call: "auto" takes Mosaic GPU only for int8 / int4 codes
+  with int8_mma and no Triton-only option, on a Hopper GPU (never on this CPU); "mosaic" names why not."""
   S = jax.ShapeDtypeStruct
   q = S((2, 1, 8, 128), jnp.bfloat16)
   cache = lambda bits: jax.eval_shape(lambda: db.quantize_kv(jnp.zeros((2, 256, 2, 128)), jnp.zeros((2, 256, 2, 128)),
@@ -71,9 +71,10 @@ def test_quantized_kernel_choice_says_why_mosaic_cannot_serve():
   assert pick(int8, int8_mma=True) == "triton"            # no Hopper GPU here
   assert pick(int8, "triton", int8_mma=True) == "triton"
   assert pick(int8, "mosaic", int8_mma=True) == "mosaic"
-  for kv, options, interpret, why in [(int4, dict(int8_mma=True), False, "4-bit"),
+  assert pick(int4, "mosaic", int8_mma=True, block_k=256) == "mosaic"
+  for kv, options, interpret, why in [(int4, dict(int8_mma=True, num_warps=4), False, "num_warps"),
                                       (int8, dict(int8_mma=False), False, "int8_mma=False"),
-                                      (int8, dict(int8_mma=True, block_k=64), False, "block_k"),
+                                      (int8, dict(int8_mma=True, block_k=64), False, "block_k 64"),
                                       (int8, dict(int8_mma=True), True, "interpret")]:
     with pytest.raises(ValueError, match=why):
       pick(kv, "mosaic", interpret, **options)

@@ -159,7 +159,7 @@ def decode_attend(q, k, v, lengths, *, layout: BlockLayout | None = None, scale:
                              q_offset=lengths - q.shape[1], kv_valid_len=lengths, return_lse=return_lse)
 
 
-_TRITON_ONLY_OPTIONS = ("block_k", "num_warps", "num_stages")
+_TRITON_ONLY_OPTIONS = ("num_warps", "num_stages")
 
 
 def _quantized_kernel(q, kv: QuantizedKV, kernel: str, interpret: bool, kernel_options) -> str:
@@ -168,7 +168,7 @@ def _quantized_kernel(q, kv: QuantizedKV, kernel: str, interpret: bool, kernel_o
     raise ValueError(f"kernel must be 'auto', 'triton' or 'mosaic'; got {kernel!r}")
   if kernel == "triton":
     return kernel
-  why = decode_quant_mgpu.config_reason(q.shape, kv)
+  why = decode_quant_mgpu.config_reason(q.shape, kv, kernel_options.get("block_k"))
   if not kernel_options.get("int8_mma", False):
     why = "int8_mma=False (the Mosaic GPU kernel has int8 tensor-core dots only)"
   elif (triton_only := [k for k in _TRITON_ONLY_OPTIONS if k in kernel_options]):
@@ -179,7 +179,7 @@ def _quantized_kernel(q, kv: QuantizedKV, kernel: str, interpret: bool, kernel_o
     if why is not None:
       raise ValueError(f"kernel='mosaic' cannot serve this call: {why}; use kernel='auto' or 'triton'")
     return kernel
-  return "mosaic" if why is None and decode_quant_mgpu.supports(q, kv) else "triton"
+  return "mosaic" if why is None and decode_quant_mgpu.supports(q, kv, kernel_options.get("block_k")) else "triton"
 
 
 def quantized_decode_attend(q, kv: QuantizedKV, lengths, *, scale: float | None = None,
@@ -189,10 +189,10 @@ def quantized_decode_attend(q, kv: QuantizedKV, lengths, *, scale: float | None 
 
   kernel_options: block_k, num_splits, num_warps, num_stages, int8_mma (int8 tensor-core dots,
   the fast path for int8 and int4: relative error ~1 % instead of ~0.3-0.5 %).
-  kernel: "auto" takes the Mosaic GPU kernel (pallas_kernels.gpu.decode_quant_mgpu) for int8 codes
-  with int8_mma on a Hopper GPU when its config_reason is None and no Triton-only option (block_k,
-  num_warps, num_stages) is given, else the Triton kernel (decode_quant); "triton" or "mosaic"
-  choose one (for benchmarks and tests). On the H200 at 32k-128k keys with the defaults: int8
+  kernel: "auto" takes the Mosaic GPU kernel (pallas_kernels.gpu.decode_quant_mgpu) for int8 and
+  int4 codes with int8_mma on a Hopper GPU when its config_reason (for the block_k given, or its
+  default) is None and no Triton-only option (num_warps, num_stages) is given, else the Triton
+  kernel (decode_quant); "triton" or "mosaic" choose one (for benchmarks and tests). On the H200 at 32k-128k keys with the defaults: int8
   1.74-1.77x cuDNN's bf16 tokens/s (Mosaic GPU; Triton 1.62-1.71x), int4 2.17-2.35x (Triton);
   BENCHMARKS.md runs 10-13.
   """
@@ -201,7 +201,8 @@ def quantized_decode_attend(q, kv: QuantizedKV, lengths, *, scale: float | None 
   if use_pallas:
     if _quantized_kernel(q, kv, kernel, interpret, kernel_options) == "mosaic":
       kernel = functools.partial(decode_quant_mgpu.quantized_decode_attention, scale=scale,
-                                 return_lse=return_lse, num_splits=kernel_options.get("num_splits"))
+                                 return_lse=return_lse, block_k=kernel_options.get("block_k"),
+                                 num_splits=kernel_options.get("num_splits"))
     else:
       kernel = functools.partial(decode_quant.quantized_decode_attention, scale=scale,
                                  interpret=interpret, return_lse=return_lse, **kernel_options)

@@ -60,8 +60,9 @@ M_GROUP = 64     # wgmma M
 _LOG2E = math.log2(math.e)
 
 
-def config_reason(q_shape, kv: QuantizedKV) -> str | None:
-  """None when this kernel takes the call (device aside), else why not."""
+def config_reason(q_shape, kv: QuantizedKV, block_k: int | None = None) -> str | None:
+  """None when this kernel takes the call (device aside) with tiles of block_k keys (None: the
+  default, default_block_k), else why not."""
   _, q_len, q_heads, head_dim = q_shape
   kv_heads = kv.k_codes.shape[2]
   if kv.bits == 8 and head_dim not in (64, 128):
@@ -74,10 +75,21 @@ def config_reason(q_shape, kv: QuantizedKV) -> str | None:
     return f"key_group {kv.key_group} and capacity {kv.capacity} must be multiples of {BLOCK_K}"
   if kv.value_group % M_GROUP or head_dim % kv.value_group:
     return f"value_group {kv.value_group} must be a multiple of {M_GROUP} dividing head_dim {head_dim}"
+  block_k = block_k or default_block_k(kv.bits)
+  if block_k not in (BLOCK_K, 2 * BLOCK_K):
+    return f"block_k {block_k}; the Mosaic GPU kernel takes {BLOCK_K} or {2 * BLOCK_K}"
+  if kv.capacity % block_k or (kv.key_group % block_k and kv.key_group != BLOCK_K):
+    return (f"block_k {block_k} must divide the capacity {kv.capacity} and the key_group "
+            f"{kv.key_group} (or the key_group be {BLOCK_K})")
   return None
 
 
-def supports(q, kv: QuantizedKV) -> bool:
+def default_block_k(bits: int) -> int:
+  """Keys per tile: 128 for int8, 256 for int4 (the same bytes per tile; see BENCHMARKS.md run 14)."""
+  return 128 if bits == 8 else 256
+
+
+def supports(q, kv: QuantizedKV, block_k: int | None = None) -> bool:
   """Whether this kernel serves the call: a Hopper GPU, 16-bit queries, config_reason None."""
   if jax.default_backend() != "gpu":
     return False
@@ -86,7 +98,7 @@ def supports(q, kv: QuantizedKV) -> bool:
       return False
   except Exception:  # pylint: disable=broad-except
     return False
-  return q.dtype in (jnp.bfloat16, jnp.float16) and config_reason(q.shape, kv) is None
+  return q.dtype in (jnp.bfloat16, jnp.float16) and config_reason(q.shape, kv, block_k) is None
 
 
 def _smem_tile(shape, dtype, row_bytes: int):
@@ -130,19 +142,22 @@ def _nibbles_times16(packed, part: int):
 
 
 def _kernel(len_ref, q_ref, ks_ref, kz_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_ref, lse_ref, smem, bars, *,
-            scale, n, group, q_len, num_splits, stages, key_group, value_group, head_dim, bits):
+            scale, n, group, q_len, num_splits, stages, tile_k, key_group, value_group, head_dim, bits):
   split, h, b = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("batch")
   q_in_sm, q_sm, qsb_sm, ks_sm, kz_sm, k_sm, v_sm, vs_sm, vz_sm, p_sm = smem
   q_bar, bars = bars[0], bars[1:]
   length = len_ref[b]
-  total = jnp.minimum((length + BLOCK_K - 1) // BLOCK_K, kc_ref.shape[1] // BLOCK_K)
+  total = jnp.minimum((length + tile_k - 1) // tile_k, kc_ref.shape[1] // tile_k)
   lo, hi = split_range(total, num_splits, split)
   # Tiles wholly at or before the first new query's position are seen by every query: no mask.
-  unmasked_end = jnp.clip((length - q_len + 1) // BLOCK_K, lo, hi)
+  unmasked_end = jnp.clip((length - q_len + 1) // tile_k, lo, hi)
   groups = head_dim // value_group
   parts = 8 // bits                       # nibble halves per byte
   width = head_dim // parts               # channels per part = bytes per row
   code_unit = 1.0 if bits == 8 else 1 / 16     # int4 operands are 16 * code
+  chunks = tile_k // BLOCK_K              # score wgmmas per tile, one per 128 keys
+  key_groups = max(1, tile_k // key_group)     # key groups per tile (each folds the queries once)
+  chunk_group = lambda c: c * BLOCK_K // key_group if key_groups > 1 else 0
   shape = (BLOCK_K, COLS)
   wgmma_layout = plgpu.Layout.WGMMA
   col_layout = wgmma_layout.reduce(0)     # [COLS] vectors, one value per query column
@@ -153,14 +168,15 @@ def _kernel(len_ref, q_ref, ks_ref, kz_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_re
   fold_layout, channel_layout, fold_row_layout = _fold_layouts(width)
   cols = lambda x: lax.broadcast_in_dim(x, shape, [1])
   rows = lambda x: lax.broadcast_in_dim(x, shape, [0])
+  chunk_keys = lambda c: pl.ds(c * BLOCK_K, BLOCK_K)
 
   def issue(tile, slot):
-    start = tile * BLOCK_K
-    g = start // key_group
+    start = tile * tile_k
+    g = pl.ds(start // key_group, key_groups)
     plgpu.copy_gmem_to_smem(ks_ref.at[b, g, h], ks_sm.at[slot], bars[0].at[slot])
     plgpu.copy_gmem_to_smem(kz_ref.at[b, g, h], kz_sm.at[slot], bars[1].at[slot])
-    plgpu.copy_gmem_to_smem(kc_ref.at[b, pl.ds(start, BLOCK_K), h], k_sm.at[slot], bars[2].at[slot])
-    keys = pl.ds(start, BLOCK_K)
+    plgpu.copy_gmem_to_smem(kc_ref.at[b, pl.ds(start, tile_k), h], k_sm.at[slot], bars[2].at[slot])
+    keys = pl.ds(start, tile_k)
     plgpu.copy_gmem_to_smem(vc_ref.at[b, h, :, keys], v_sm.at[slot], bars[3].at[slot])
     plgpu.copy_gmem_to_smem(vs_ref.at[b, h, :, keys], vs_sm.at[slot], bars[4].at[slot])
     plgpu.copy_gmem_to_smem(vz_ref.at[b, h, :, keys], vz_sm.at[slot], bars[5].at[slot])
@@ -176,20 +192,21 @@ def _kernel(len_ref, q_ref, ks_ref, kz_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_re
   def fold_query(slot):
     """q . k = (q * ks) . code + q . kz per key group: writes the int8 operand round(q * ks /
     row scale) to q_sm (one [COLS, width] part per nibble half) and the row scale and bias to
-    qsb_sm (SageAttention-style int8 queries)."""
+    qsb_sm, for each key group of the tile (SageAttention-style int8 queries)."""
     channel = lambda ref: plgpu.layout_cast(
         lax.broadcast_in_dim(plgpu.load(ref, layout=channel_layout).astype(jnp.float32), q[0].shape, [1]),
         fold_layout)
-    qk = [qp * channel(ks_sm.at[slot, part_cols(p)]) for p, qp in enumerate(q)]
-    amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x), axis=1) for x in qk])
-    inv_scale = plgpu.layout_cast(lax.broadcast_in_dim(jnp.where(amax > 0, 127.0 / amax, 0.0), q[0].shape, [0]),
-                                  fold_layout)
-    for p, x in enumerate(qk):
-      x = x * inv_scale
-      q_sm[p] = jnp.where(x >= 0, x + 0.5, x - 0.5).astype(jnp.int8)       # round half away
-    qsb_sm[0, :] = amax * (code_unit / 127.0)
-    qsb_sm[1, :] = functools.reduce(
-        jnp.add, [jnp.sum(qp * channel(kz_sm.at[slot, part_cols(p)]), axis=1) for p, qp in enumerate(q)])
+    for i in range(key_groups):
+      qk = [qp * channel(ks_sm.at[slot, i, part_cols(p)]) for p, qp in enumerate(q)]
+      amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x), axis=1) for x in qk])
+      inv_scale = plgpu.layout_cast(
+          lax.broadcast_in_dim(jnp.where(amax > 0, 127.0 / amax, 0.0), q[0].shape, [0]), fold_layout)
+      for p, x in enumerate(qk):
+        x = x * inv_scale
+        q_sm[i, p] = jnp.where(x >= 0, x + 0.5, x - 0.5).astype(jnp.int8)      # round half away
+      qsb_sm[i, 0, :] = amax * (code_unit / 127.0)
+      qsb_sm[i, 1, :] = functools.reduce(
+          jnp.add, [jnp.sum(qp * channel(kz_sm.at[slot, i, part_cols(p)]), axis=1) for p, qp in enumerate(q)])
     plgpu.commit_smem()                  # the operand visible to the tensor cores, the vectors to all
 
   col_ids = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wgmma_layout)
@@ -198,57 +215,68 @@ def _kernel(len_ref, q_ref, ks_ref, kz_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_re
   def body(masked, tile, carry):
     acc, m, l_part, corr_part = carry
     slot = lax.rem(tile - lo, stages)
-    start = tile * BLOCK_K
+    start = tile * tile_k
     for bar in bars:
       plgpu.barrier_wait(bar.at[slot])
     fold_query(slot)
 
-    def scores(acc_ref):
-      if bits == 8:
-        plgpu.wgmma(acc_ref, k_sm.at[slot], q_sm.at[0].T)
-      else:
-        packed = plgpu.load(k_sm.at[slot], layout=plgpu.Layout.WGMMA_8BIT)
-        for p in range(parts):
-          plgpu.wgmma(acc_ref, _nibbles_times16(packed, p), q_sm.at[p].T)
-      return acc_ref[...]
-    s_int = pl.run_scoped(scores, plgpu.ACC(shape, jnp.int32))
+    def scores(acc_refs):
+      for c, acc_ref in enumerate(acc_refs):
+        operand = lambda p: q_sm.at[chunk_group(c), p].T
+        if bits == 8:
+          plgpu.wgmma(acc_ref, k_sm.at[slot, chunk_keys(c)], operand(0))
+        else:
+          packed = plgpu.load(k_sm.at[slot, chunk_keys(c)], layout=plgpu.Layout.WGMMA_8BIT)
+          for p in range(parts):
+            plgpu.wgmma(acc_ref, _nibbles_times16(packed, p), operand(p))
+      return [acc_ref[...] for acc_ref in acc_refs]
+    s_int = pl.run_scoped(scores, [plgpu.ACC(shape, jnp.int32)] * chunks)
     if bits == 4:       # read before the barrier after the P^T stores, which frees the slot
-      packed_v = plgpu.load(v_sm.at[slot], layout=plgpu.Layout.WGMMA_8BIT)     # [64 bytes, BLOCK_K]
-    q_scale = plgpu.load(qsb_sm.at[0], layout=col_layout)
-    q_bias = plgpu.load(qsb_sm.at[1], layout=col_layout)
-    s = s_int.astype(jnp.float32) * cols(q_scale) + cols(q_bias)          # base-2 logits
-    if masked:
-      k_pos = start + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wgmma_layout)
-      s = jnp.where(k_pos <= q_pos, s, -jnp.inf)
-    tile_max = s.max(axis=0)
+      packed_v = plgpu.load(v_sm.at[slot], layout=plgpu.Layout.WGMMA_8BIT)     # [64 bytes, tile_k]
+    s = []
+    for c, x in enumerate(s_int):
+      q_scale = plgpu.load(qsb_sm.at[chunk_group(c), 0], layout=col_layout)
+      q_bias = plgpu.load(qsb_sm.at[chunk_group(c), 1], layout=col_layout)
+      x = x.astype(jnp.float32) * cols(q_scale) + cols(q_bias)           # base-2 logits
+      if masked:
+        k_pos = start + c * BLOCK_K + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wgmma_layout)
+        x = jnp.where(k_pos <= q_pos, x, -jnp.inf)
+      s.append(x)
+    tile_max = functools.reduce(jnp.maximum, [x.max(axis=0) for x in s])
     m_new = jnp.maximum(m, tile_max)
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)                  # columns that saw nothing yet
     alpha = jnp.exp2(m - m_safe)
     t_safe = jnp.where(tile_max == -jnp.inf, 0.0, tile_max)
     # p = exp2(s - tile max) has a column maximum of 1, so a fixed int8 scale gives every column
     # the full range; the column's factor exp2(tile max - m) goes onto the tile's products.
-    p = jnp.exp2(s - cols(t_safe))                                       # 0 where masked
+    p = [jnp.exp2(x - cols(t_safe)) for x in s]                          # 0 where masked
     tile_factor = jnp.where(tile_max == -jnp.inf, 0.0, jnp.exp2(t_safe - m_safe))
-    p_f = p * cols(tile_factor)
-    l_part = l_part * cols(alpha) + p_f
+    p_f = [x * cols(tile_factor) for x in p]
+    l_part = functools.reduce(jnp.add, p_f, l_part * cols(alpha))
 
     units, new_corr = [], []
     for g in range(groups):
-      vs = plgpu.load(vs_sm.at[slot, g], layout=row_layout).astype(jnp.float32)
-      vz = plgpu.load(vz_sm.at[slot, g], layout=row_layout).astype(jnp.float32)
-      vs_w = plgpu.load(vs_sm.at[slot, g], layout=warp_layout).astype(jnp.float32)
-      if masked:        # slots past the length may hold anything; keep them out of vmax and p . vz
-        key = lambda layout: start + plgpu.broadcasted_iota(jnp.int32, (BLOCK_K,), 0, layout=layout)
-        written = key(row_layout) < length
-        vs, vz = jnp.where(written, vs, 0.0), jnp.where(written, vz, 0.0)
-        vs_w = jnp.where(key(warp_layout) < length, vs_w, 0.0)
-      vs_b = rows(vs)
-      v_max = jnp.maximum(vs_w.max(axis=0), 1e-30)                       # a scalar
-      new_corr.append(corr_part[g] * cols(alpha) + p_f * rows(vz))
-      # The transposed store needs vectors along the keys: change layout in float32 (WGMMA <->
-      # WGMMA_TRANSPOSED exists for 16 and 32 bits only), then round p * vs / vmax * 127.
-      p_q = plgpu.layout_cast(p * vs_b * (127.0 / v_max) + 0.5, plgpu.Layout.WGMMA_TRANSPOSED)
-      p_sm.at[g].T[...] = p_q.astype(jnp.int8)
+      vs, vz, v_max = [], [], None
+      for c in range(chunks):
+        vs_c = plgpu.load(vs_sm.at[slot, g, chunk_keys(c)], layout=row_layout).astype(jnp.float32)
+        vz_c = plgpu.load(vz_sm.at[slot, g, chunk_keys(c)], layout=row_layout).astype(jnp.float32)
+        vs_w = plgpu.load(vs_sm.at[slot, g, chunk_keys(c)], layout=warp_layout).astype(jnp.float32)
+        if masked:      # slots past the length may hold anything; keep them out of vmax and p . vz
+          key = lambda layout: start + c * BLOCK_K + plgpu.broadcasted_iota(jnp.int32, (BLOCK_K,), 0, layout=layout)
+          written = key(row_layout) < length
+          vs_c, vz_c = jnp.where(written, vs_c, 0.0), jnp.where(written, vz_c, 0.0)
+          vs_w = jnp.where(key(warp_layout) < length, vs_w, 0.0)
+        vs.append(vs_c)
+        vz.append(vz_c)
+        v_max = vs_w.max(axis=0) if v_max is None else jnp.maximum(v_max, vs_w.max(axis=0))   # a scalar
+      v_max = jnp.maximum(v_max, 1e-30)
+      new_corr.append(functools.reduce(jnp.add, [pc * rows(z) for pc, z in zip(p_f, vz)],
+                                       corr_part[g] * cols(alpha)))
+      for c in range(chunks):
+        # The transposed store needs vectors along the keys: change layout in float32 (WGMMA <->
+        # WGMMA_TRANSPOSED exists for 16 and 32 bits only), then round p * vs / vmax * 127.
+        p_q = plgpu.layout_cast(p[c] * rows(vs[c]) * (127.0 / v_max) + 0.5, plgpu.Layout.WGMMA_TRANSPOSED)
+        p_sm.at[g, :, chunk_keys(c)].T[...] = p_q.astype(jnp.int8)
       units.append(v_max * (code_unit / 127.0) * tile_factor)
     plgpu.commit_smem()                  # P^T visible to the tensor cores
 
@@ -293,21 +321,22 @@ def default_num_splits(batch: int, kv_heads: int, num_tiles: int) -> int:
   return int(max(1, min(2 * NUM_SMS // (batch * kv_heads), num_tiles)))
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "num_splits", "stages", "return_lse"))
+@functools.partial(jax.jit, static_argnames=("scale", "block_k", "num_splits", "stages", "return_lse"))
 def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | None = None,
-                               num_splits: int | None = None, stages: int = 2,
-                               return_lse: bool = False):
+                               block_k: int | None = None, num_splits: int | None = None,
+                               stages: int = 2, return_lse: bool = False):
   """Decode attention of q [B, T, Hq, D] (bf16 / f16) over an int8 or int4 QuantizedKV cache.
 
   Same contract and numerics as decode_quant.quantized_decode_attention(..., int8_mma=True);
-  config_reason says which shapes it takes. stages: cache tiles in flight per program.
+  config_reason says which shapes it takes. block_k: keys per tile, 128 or 256 (default
+  default_block_k); stages: cache tiles in flight per program.
   Returns out [B, T, Hq, D] in q.dtype (and with return_lse the float32 lse [B, Hq, T]).
   """
   batch, q_len, q_heads, head_dim = q.shape
   kv_heads, capacity = kv.k_codes.shape[2], kv.capacity
   validate_decode_args(q, jax.ShapeDtypeStruct((batch, capacity, kv_heads, head_dim), q.dtype),
                        jax.ShapeDtypeStruct((batch, capacity, kv_heads, head_dim), q.dtype), lengths)
-  if (reason := config_reason(q.shape, kv)) is not None:
+  if (reason := config_reason(q.shape, kv, block_k)) is not None:
     raise ValueError(f"the Mosaic GPU quantised decode kernel does not take this call: {reason}")
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"q must be bfloat16 or float16 for the Mosaic GPU quantised kernel; got {q.dtype}")
@@ -315,24 +344,26 @@ def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | No
   group = q_heads // kv_heads
   n = q_len * group
   qp = pack_queries(q, kv_heads)[0][:, :, :COLS]                      # [B, Hkv, 8, D]
-  splits = num_splits or default_num_splits(batch, kv_heads, capacity // BLOCK_K)
+  block_k = block_k or default_block_k(kv.bits)
+  splits = num_splits or default_num_splits(batch, kv_heads, capacity // block_k)
   groups = head_dim // kv.value_group
+  key_groups = max(1, block_k // kv.key_group)                         # per tile
   kernel = functools.partial(_kernel, scale=scale, n=n, group=group, q_len=q_len, num_splits=splits,
-                             stages=stages, key_group=kv.key_group, value_group=kv.value_group,
-                             head_dim=head_dim, bits=kv.bits)
+                             stages=stages, tile_k=block_k, key_group=kv.key_group,
+                             value_group=kv.value_group, head_dim=head_dim, bits=kv.bits)
   width = kv.k_codes.shape[-1]                                         # bytes per cache row
 
   def entry(*refs):
     smem = (plgpu.SMEM((COLS, head_dim), q.dtype),                             # packed queries
-            _smem_tile((head_dim // width, COLS, width), jnp.int8, width),     # query operand parts
-            plgpu.SMEM((2, COLS), jnp.float32),                                # its scale, bias
-            plgpu.SMEM((stages, head_dim), jnp.float16),                       # key scales
-            plgpu.SMEM((stages, head_dim), jnp.float16),                       # key zeros
-            _smem_tile((stages, BLOCK_K, width), jnp.int8, width),             # key codes
-            _smem_tile((stages, width, BLOCK_K), jnp.int8, BLOCK_K),           # value codes
-            plgpu.SMEM((stages, groups, BLOCK_K), jnp.float16),                # value scales
-            plgpu.SMEM((stages, groups, BLOCK_K), jnp.float16),                # value zeros
-            _smem_tile((groups, COLS, BLOCK_K), jnp.int8, BLOCK_K))            # P_g (P^T's rows)
+            _smem_tile((key_groups, head_dim // width, COLS, width), jnp.int8, width),   # query operands
+            plgpu.SMEM((key_groups, 2, COLS), jnp.float32),                    # their scale, bias
+            plgpu.SMEM((stages, key_groups, head_dim), jnp.float16),           # key scales
+            plgpu.SMEM((stages, key_groups, head_dim), jnp.float16),           # key zeros
+            _smem_tile((stages, block_k, width), jnp.int8, width),             # key codes
+            _smem_tile((stages, width, block_k), jnp.int8, BLOCK_K),           # value codes
+            plgpu.SMEM((stages, groups, block_k), jnp.float16),                # value scales
+            plgpu.SMEM((stages, groups, block_k), jnp.float16),                # value zeros
+            _smem_tile((groups, COLS, block_k), jnp.int8, BLOCK_K))            # P_g (P^T's rows)
     bars = (plgpu.Barrier(), *(plgpu.Barrier(num_barriers=stages) for _ in range(6)))
     pl.run_scoped(lambda smem, bars: kernel(*refs, smem, bars), smem, bars)
 
@@ -342,6 +373,7 @@ def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | No
                 jax.ShapeDtypeStruct((batch, kv_heads, splits, COLS), jnp.float32)],
       grid=(splits, kv_heads, batch),
       grid_names=("split", "head", "batch"),
+      kernel_name=f"lcjax_int{kv.bits}_decode_mosaic",
       # No automatic barriers: the one after the P^T stores (commit_smem) also orders every read
       # of a slot before the copies that refill it, and the reductions bring their own.
       compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True,
