@@ -151,3 +151,48 @@ def test_block_retrieval_caches_decode_step(cache_name, monkeypatch):
   f32 = jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, cache)
   ref = f32.attend(q.astype(jnp.float32), implementation="xla")
   assert _rel(out, ref) < 1e-2
+
+
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("cache_kind", ["dense", "sparse", "int8", "int4"])
+@pytest.mark.parametrize("split", ["batch", "kv_heads"])
+def test_decode_kernels_on_two_gpus_match_one(cache_kind, split):
+  """Under a 2-GPU mesh (batch over `data`, or KV heads over `tensor`) each GPU runs the decode
+  kernel on its shard (decode_backend's shard_map): the one-GPU output, sharded like q, and no
+  all-gather of the cache in the compiled program."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from lcjax.attention import decode_backend
+  from lcjax.attention.layout import BlockLayout
+  from lcjax.config import MeshConfig
+  from lcjax.sharding import make_mesh
+  q, k, v = _inputs(30)
+  if cache_kind in ("int8", "int4"):
+    cache = decode_backend.quantize_kv(k, v, bits=int(cache_kind[-1]), key_group=128, value_group=128)
+    attend = lambda q, cache, l: decode_backend.quantized_decode_attend(q, cache, l, implementation="pallas",
+                                                                        int8_mma=True)
+  else:
+    layout = None
+    if cache_kind == "sparse":   # every query head reads key blocks 0, 2, 4, ... of 128 keys
+      visible = np.broadcast_to(np.arange(CAPACITY // 128) % 2 == 0, (BATCH, Q_HEADS, 1, CAPACITY // 128))
+      layout = BlockLayout.from_block_mask(visible, block_q=16, block_kv=128, q_len=1, kv_len=CAPACITY)
+    cache = (k, v)
+    attend = lambda q, cache, l: decode_backend.decode_attend(q, *cache, l, layout=layout,
+                                                              implementation="pallas")
+  f = jax.jit(attend)
+  want = f(q, cache, LENGTHS)
+  mesh = make_mesh(MeshConfig(data=2) if split == "batch" else MeshConfig(tensor=2))
+  batch_axes = P(("data", "fsdp"))[0]
+  spec = lambda x, head_axis: P(batch_axes, *[("tensor" if i == head_axis else None) for i in range(1, x.ndim)])
+  put = lambda x, head_axis=None: jax.device_put(x, NamedSharding(mesh, spec(x, head_axis)))
+  if cache_kind in ("int8", "int4"):   # codes, scales and zeros: heads on axis 2, then on axis 1
+    sharded = type(cache)(*(put(x, 2 if i < 3 else 1) for i, x in enumerate(cache)))
+  else:
+    sharded = tuple(put(x, 2) for x in cache)
+  with jax.set_mesh(mesh):
+    args = (put(q, 2), sharded, put(LENGTHS))
+    got = f(*args)
+    hlo = f.lower(*args).compile().as_text()
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2, rtol=0)
+  assert _rel(got, want) < 2e-3
+  assert got.sharding.spec == spec(got, 2)
+  assert "all-gather" not in hlo

@@ -192,9 +192,9 @@ def quantized_decode_attend(q, kv: QuantizedKV, lengths, *, scale: float | None 
   kernel: "auto" takes the Mosaic GPU kernel (pallas_kernels.gpu.decode_quant_mgpu) for int8 and
   int4 codes with int8_mma on a Hopper GPU when its config_reason (for the block_k given, or its
   default) is None and no Triton-only option (num_warps, num_stages) is given, else the Triton
-  kernel (decode_quant); "triton" or "mosaic" choose one (for benchmarks and tests). On the H200 at 32k-128k keys with the defaults: int8
-  1.74-1.77x cuDNN's bf16 tokens/s (Mosaic GPU; Triton 1.62-1.71x), int4 2.17-2.35x (Triton);
-  BENCHMARKS.md runs 10-13.
+  kernel (decode_quant); "triton" or "mosaic" choose one (for benchmarks and tests). On the
+  H200 at 32k-128k keys with the defaults (Mosaic GPU): int8 1.64-1.77x cuDNN's bf16 tokens/s
+  (Triton 1.62-1.71x), int4 2.52-2.74x (Triton 2.15-2.36x); BENCHMARKS.md runs 10-14.
   """
   lengths = jnp.asarray(lengths, jnp.int32)
   use_pallas, interpret = _use_pallas(implementation, interpret)

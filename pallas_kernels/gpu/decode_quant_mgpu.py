@@ -317,7 +317,8 @@ def _kernel(len_ref, q_ref, ks_ref, kz_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_re
 
 def default_num_splits(batch: int, kv_heads: int, num_tiles: int) -> int:
   """Two programs per SM, one full wave (int8: 4 splits at B8 Hkv8, 153 us at 32k against 158-179
-  us for 6, 8 or 12 splits; BENCHMARKS.md run 13)."""
+  us for 6, 8 or 12 splits, BENCHMARKS.md run 13; int4 on 256-key tiles: 109 us against 119-140
+  for 3, 6 or 8, run 14)."""
   return int(max(1, min(2 * NUM_SMS // (batch * kv_heads), num_tiles)))
 
 
