@@ -122,7 +122,11 @@ def main(argv):
   from jax.sharding import NamedSharding, PartitionSpec
   from pallas_kernels.gpu import decode_quant, decode_quant_mgpu
   cfg = load_config(argv)
-  topology = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET, topology="1x1x1")
+  try:
+    topology = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET, topology="1x1x1")
+  except NotImplementedError as e:
+    raise SystemExit(f"no CUDA compiler in this environment ({e}): run this with the CUDA plugin of "
+                     f"JAX {jax.__version__} installed, see this module's docstring") from e
   replicated = NamedSharding(topologies.make_mesh(topology, (1,), ("x",)), PartitionSpec())
   spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated)
   b, hq, hkv, d, n = cfg["batch"], cfg["q_heads"], cfg["kv_heads"], cfg["head_dim"], cfg["lengths"][0]
