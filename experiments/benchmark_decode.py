@@ -28,6 +28,8 @@ import numpy as np
 from lcjax.cache.base import tree_bytes
 from lcjax.cache.dense import DenseKVCache
 from lcjax.cache.kivi_kernel import KIVIKernelCache
+from lcjax.cache.landmark import LandmarkKVCache
+from lcjax.cache.quest import QuestKVCache
 from pallas_kernels.gpu import decode, decode_quant, decode_quant_mgpu
 
 
@@ -81,6 +83,20 @@ def filled_kivi_cache(k, v, *, bits, group, value_group, residual):
   return dataclasses.replace(
       cache, store=decode_quant.quantize_kv(k, v, bits=bits, key_group=group, value_group=value_group),
       k_fp=ring(k), v_fp=ring(v), lengths=jnp.full((b,), n, jnp.int32))
+
+
+RETRIEVAL_CACHES = {"quest": QuestKVCache, "landmark": LandmarkKVCache}
+
+
+def filled_retrieval_cache(policy, k, v, *, block_size, fraction, local_blocks=1):
+  """A Quest / landmark cache holding all of k, v [B, n, Hkv, D] (one prefill write), whose decode
+  steps read `fraction` of the blocks: top_blocks + local_blocks = round(fraction * n / block_size).
+  Returns (cache, blocks read per query head)."""
+  b, n, hkv, d = k.shape
+  selected = max(local_blocks + 1, round(fraction * n / block_size))
+  cache = RETRIEVAL_CACHES[policy].create(b, n, hkv, d, block_size=block_size, top_blocks=selected - local_blocks,
+                                          local_blocks=local_blocks, dtype=k.dtype)
+  return jax.jit(lambda c, k, v: c.update(k, v))(cache, k, v), selected
 
 
 def time_in_scan(fn, q, *rest, iters=30, repeats=5):
@@ -141,6 +157,26 @@ def profile(cfg):
     qkv = decode_quant.quantize_kv(k, v, bits=bits, key_group=cfg["key_group"], value_group=vg)
     for int8_mma in (False, True):
       jax.block_until_ready(decode_quant.quantized_decode_attention(q, qkv, lengths, int8_mma=int8_mma, **opts))
+
+
+def fixed_cost(q, k, v, t_empty, log, timing):
+  """Fixed cost (launch + merge): the dense kernel over a 128-token cache, in a scan and from Python."""
+  b = q.shape[0]
+  k0, v0, lengths = k[:, :128], v[:, :128], jnp.full((b,), 128, jnp.int32)
+  f = jax.jit(lambda q, k, v, l: decode.decode_attention(q, k, v, l))
+  t0 = time_in_scan(f, q, k0, v0, lengths, **timing)
+  t1 = time_fn(f, q, k0, v0, lengths, **timing)
+  # cuDNN's own fixed cost at the same size; the part of t0 that is the kernel's is t0 - t_empty.
+  cudnn = jax.jit(lambda q, k, v, l: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
+  try:
+    t_cudnn = time_in_scan(cudnn, q, k0, v0, lengths, **timing)
+  except Exception:  # noqa: BLE001  (no cuDNN: report the rest)
+    t_cudnn = float("nan")
+  log.add(impl="fixed cost (128 keys)", ms_in_scan=t0 * 1e3, ms_host_loop=t1 * 1e3,
+          ms_empty_scan_step=t_empty * 1e3, ms_cudnn_in_scan=t_cudnn * 1e3)
+  print(f"fixed cost of one decode call over 128 keys: {t0 * 1e6:.1f} us in a scan "
+        f"(an empty scan step {t_empty * 1e6:.1f} us, cuDNN {t_cudnn * 1e6:.1f} us), "
+        f"{t1 * 1e6:.1f} us dispatched from Python", flush=True)
 
 
 def main(argv):
@@ -269,11 +305,27 @@ def main(argv):
       log.add(n=n, impl=name, ms=t * 1e3, err=err)
       summary.append((n, "cache API", name, t, tree_bytes(cache) / t / 1e9, results.get("cudnn")))
       del cache
-    if cfg["kivi_caches"]:
+    if cfg["kivi_caches"] or cfg["retrieval_caches"]:
       dense = DenseKVCache(k, v, lengths)
-      t = time_in_scan(jax.jit(lambda q, c: c.attend(q)), q, dense, **timing)
-      log.add(n=n, impl="DenseKVCache", ms=t * 1e3)
-      summary.append((n, "cache API", "DenseKVCache", t, gbps(t), results.get("cudnn")))
+      t_dense = time_in_scan(jax.jit(lambda q, c: c.attend(q)), q, dense, **timing)
+      log.add(n=n, impl="DenseKVCache", ms=t_dense * 1e3)
+      summary.append((n, "cache API", "DenseKVCache", t_dense, gbps(t_dense), results.get("cudnn")))
+      del dense
+    # Quest / landmark: the step scores the block summaries, then the block-sparse kernel reads the
+    # selected blocks, one list per query head (a KV block is read once per query head choosing it).
+    for policy, block_size, frac in cfg["retrieval_caches"]:
+      cache, selected = filled_retrieval_cache(policy, k, v, block_size=block_size, fraction=frac)
+      f = jax.jit(lambda q, c: c.attend(q))
+      f32 = jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, cache)
+      err = rel_err(f(q, cache), f32.attend(q.astype(jnp.float32), implementation="xla"))
+      del f32
+      t = time_in_scan(f, q, cache, **timing)
+      frac_read = selected * block_size / n
+      name = f"{type(cache).__name__} block {block_size}, {selected} of {n // block_size} blocks"
+      log.add(n=n, impl=name, ms=t * 1e3, err=err, ideal_ms=frac_read * t_dense * 1e3)
+      summary.append((n, "cache API", f"{name}; {t / (frac_read * t_dense):.2f}x frac*DenseKVCache", t,
+                      frac_read * kv_bytes / t / 1e9, results.get("cudnn")))
+      del cache
 
     # Block-sparse: random selected key blocks per (batch, kv head).
     nb = n // cfg["sparse_block"]
@@ -304,22 +356,10 @@ def main(argv):
                       f"{net:.2f}x net of the empty step", t,
                       frac * kv_bytes / t / 1e9, results.get("cudnn")))
 
-  # Fixed cost (launch + merge): the dense kernel over a 128-token cache.
-  k0, v0 = k[:, :128], v[:, :128]
-  f = jax.jit(lambda q, k, v, l: decode.decode_attention(q, k, v, l))
-  t0 = time_in_scan(f, q, k0, v0, jnp.full((b,), 128, jnp.int32), **timing)
-  t1 = time_fn(f, q, k0, v0, jnp.full((b,), 128, jnp.int32), **timing)
-  # cuDNN's own fixed cost at the same size; the part of t0 that is the kernel's is t0 - t_empty.
-  cudnn = jax.jit(lambda q, k, v, l: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
-  try:
-    t_cudnn = time_in_scan(cudnn, q, k0, v0, jnp.full((b,), 128, jnp.int32), **timing)
-  except Exception:  # noqa: BLE001  (no cuDNN: report the rest)
-    t_cudnn = float("nan")
-  log.add(impl="fixed cost (128 keys)", ms_in_scan=t0 * 1e3, ms_host_loop=t1 * 1e3,
-          ms_empty_scan_step=t_empty * 1e3, ms_cudnn_in_scan=t_cudnn * 1e3)
-  print(f"fixed cost of one decode call over 128 keys: {t0 * 1e6:.1f} us in a scan "
-        f"(an empty scan step {t_empty * 1e6:.1f} us, cuDNN {t_cudnn * 1e6:.1f} us), "
-        f"{t1 * 1e6:.1f} us dispatched from Python", flush=True)
+  if jax.default_backend() == "gpu":
+    fixed_cost(q, k, v, t_empty, log, timing)
+  else:
+    print("fixed cost not measured: the decode kernel runs on a GPU only", flush=True)
 
   print("\n| KV len | kernel | config | ms | GB/s (bytes read) | tokens/s vs cuDNN bf16 |")
   print("|---|---|---|---|---|---|")
