@@ -34,6 +34,9 @@ if __name__ == "__main__":      # before JAX starts: no GPU, no driver, ptxas an
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.mosaic.gpu.utils import MBARRIER_BYTES
+
+from pallas_kernels.gpu.decode import NUM_SMS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +49,6 @@ class SMLimits:
   smem_reserved_per_block: int = 1024
   max_threads: int = 2048
   max_blocks: int = 32
-  num_sms: int = 132
 
 
 def programs_per_sm(registers: int, smem_bytes: int, threads: int = 128, limits: SMLimits = SMLimits()):
@@ -67,7 +69,6 @@ _REGISTERS = re.compile(r"Used (\d+) registers")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _SCRATCH = re.compile(r"smem_scratch_bytes=(\d+)")
 _BARRIERS = re.compile(r"num_barriers=(\d+)[^)]*\): (\d+)")
-MBARRIER_BYTES = 8
 
 
 def parse_report(text: str) -> dict:
@@ -147,7 +148,7 @@ def main(argv):
           q, kv, lengths, block_k=block_k, num_splits=splits, stages=stages)
       report = parse_report(_compile_report(call, q, jax.tree.map(spec, kv), lengths))
       by_regs, by_smem, per_sm = programs_per_sm(report["registers"], report["smem_bytes"])
-      waves = b * hkv * splits / (per_sm * SMLimits().num_sms)
+      waves = b * hkv * splits / (per_sm * NUM_SMS)
       print(row(bits, block_k, splits, stages, value_group, report["registers"], report["spill_bytes"],
                 report["smem_bytes"], per_sm, by_regs, by_smem, f"{waves:.2f}"))
 

@@ -194,7 +194,7 @@ def quantized_decode_attend(q, kv: QuantizedKV, lengths, *, scale: float | None 
   default) is None and no Triton-only option (num_warps, num_stages) is given, else the Triton
   kernel (decode_quant); "triton" or "mosaic" choose one (for benchmarks and tests). On the
   H200 at 32k-128k keys with the defaults (Mosaic GPU): int8 1.64-1.77x cuDNN's bf16 tokens/s
-  (Triton 1.62-1.71x), int4 2.52-2.74x (Triton 2.15-2.36x); BENCHMARKS.md runs 10-14.
+  (Triton 1.62-1.74x), int4 2.52-2.74x (Triton 2.12-2.36x); BENCHMARKS.md runs 10-14.
   """
   lengths = jnp.asarray(lengths, jnp.int32)
   use_pallas, interpret = _use_pallas(implementation, interpret)

@@ -111,11 +111,11 @@ def _smem_tile(shape, dtype, row_bytes: int):
 def _fold_layouts(width: int):
   """The layout of a [COLS, width] part of the query fold (width = D, or D / 2 for int4's nibble
   halves): warp w holds rows 2w, 2w + 1, each row spread over 16 lanes (width / 16 channels per
-  lane), so its reductions over channels are shuffles within a warp; and the layouts of its
-  [width] (per channel) and [COLS] (per row) vectors."""
+  lane), so its reductions over channels are shuffles within a warp; and the layout of its
+  [width] (per channel) vectors."""
   fold = plgpu.Layout.TILED(plgpu.Tiling(((COLS, width), (2, width), (width // 16,))),
                             warp_dims=(-5,), lane_dims=(-3, -2), vector_dim=-1)
-  return fold, fold.reduce(0), fold.reduce(1)
+  return fold, fold.reduce(0)
 
 
 _HIGH_NIBBLES = 0xF0F0F0F0 - (1 << 32)    # as a signed int32
@@ -156,8 +156,8 @@ def _kernel(len_ref, q_ref, ks_ref, kz_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_re
   width = head_dim // parts               # channels per part = bytes per row
   code_unit = 1.0 if bits == 8 else 1 / 16     # int4 operands are 16 * code
   chunks = tile_k // BLOCK_K              # score wgmmas per tile, one per 128 keys
-  key_groups = max(1, tile_k // key_group)     # key groups per tile (each folds the queries once)
-  chunk_group = lambda c: c * BLOCK_K // key_group if key_groups > 1 else 0
+  key_groups = ks_sm.shape[1]             # key groups per tile (each folds the queries once)
+  chunk_group = lambda c: c * BLOCK_K // key_group     # the tile's key group holding chunk c
   shape = (BLOCK_K, COLS)
   wgmma_layout = plgpu.Layout.WGMMA
   col_layout = wgmma_layout.reduce(0)     # [COLS] vectors, one value per query column
@@ -165,7 +165,7 @@ def _kernel(len_ref, q_ref, ks_ref, kz_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_re
   # [BLOCK_K] vectors held whole by every warp (4 per lane): their maximum needs only shuffles.
   warp_layout = plgpu.Layout.TILED(plgpu.Tiling(((BLOCK_K,), (4,))), warp_dims=(plgpu.Replicated(4),),
                                    lane_dims=(-2,), vector_dim=-1)
-  fold_layout, channel_layout, fold_row_layout = _fold_layouts(width)
+  fold_layout, channel_layout = _fold_layouts(width)
   cols = lambda x: lax.broadcast_in_dim(x, shape, [1])
   rows = lambda x: lax.broadcast_in_dim(x, shape, [0])
   chunk_keys = lambda c: pl.ds(c * BLOCK_K, BLOCK_K)
