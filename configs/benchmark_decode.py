@@ -21,9 +21,10 @@ CONFIG = dict(
     # (bits, value_group) of the KIVIKernelCache decode steps timed through the cache API
     # (key group = key_group), beside DenseKVCache; () skips them.
     kivi_caches=((8, 128), (4, 128)), kivi_residual=128,
-    # (policy, block_size, fraction of blocks read) of the Quest / landmark decode steps timed
-    # through the cache API, against fraction x DenseKVCache; () skips them.
-    retrieval_caches=(("quest", 128, 0.125), ("landmark", 128, 0.125)),
+    # (policy, block_size, fraction of blocks read, select_per) of the Quest / landmark decode
+    # steps timed through the cache API, against fraction x DenseKVCache; () skips them.
+    retrieval_caches=(("quest", 128, 0.125, "kv_head"), ("landmark", 128, 0.125, "kv_head"),
+                      ("quest", 128, 0.125, "query_head")),
     sparse_fractions=(0.125, 0.25), sparse_block=128,
     # (block_k, num_splits, num_warps, num_stages) for the block-sparse kernel; best one reported.
     sparse_sweep=((64, 2, 4, 4), (128, 2, 4, 3), (128, 2, 4, 4), (64, 4, 4, 4), (128, 4, 4, 3)),

@@ -88,14 +88,15 @@ def filled_kivi_cache(k, v, *, bits, group, value_group, residual):
 RETRIEVAL_CACHES = {"quest": QuestKVCache, "landmark": LandmarkKVCache}
 
 
-def filled_retrieval_cache(policy, k, v, *, block_size, fraction, local_blocks=1):
+def filled_retrieval_cache(policy, k, v, *, block_size, fraction, select_per, local_blocks=1):
   """A Quest / landmark cache holding all of k, v [B, n, Hkv, D] (one prefill write), whose decode
   steps read `fraction` of the blocks: top_blocks + local_blocks = round(fraction * n / block_size).
-  Returns (cache, blocks read per query head)."""
+  Returns (cache, blocks read per selecting head)."""
   b, n, hkv, d = k.shape
   selected = max(local_blocks + 1, round(fraction * n / block_size))
   cache = RETRIEVAL_CACHES[policy].create(b, n, hkv, d, block_size=block_size, top_blocks=selected - local_blocks,
-                                          local_blocks=local_blocks, dtype=k.dtype)
+                                          local_blocks=local_blocks, select_per=select_per,
+                                          dtype=k.dtype)
   return jax.jit(lambda c, k, v: c.update(k, v))(cache, k, v), selected
 
 
@@ -312,16 +313,19 @@ def main(argv):
       summary.append((n, "cache API", "DenseKVCache", t_dense, gbps(t_dense), results.get("cudnn")))
       del dense
     # Quest / landmark: the step scores the block summaries, then the block-sparse kernel reads the
-    # selected blocks, one list per query head (a KV block is read once per query head choosing it).
-    for policy, block_size, frac in cfg["retrieval_caches"]:
-      cache, selected = filled_retrieval_cache(policy, k, v, block_size=block_size, fraction=frac)
+    # selected blocks, one list per KV head (select_per="kv_head") or per query head (a KV block
+    # is then read once per query head choosing it).
+    for policy, block_size, frac, select_per in cfg["retrieval_caches"]:
+      cache, selected = filled_retrieval_cache(policy, k, v, block_size=block_size, fraction=frac,
+                                               select_per=select_per)
       f = jax.jit(lambda q, c: c.attend(q))
       f32 = jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, cache)
       err = rel_err(f(q, cache), f32.attend(q.astype(jnp.float32), implementation="xla"))
       del f32
       t = time_in_scan(f, q, cache, **timing)
       frac_read = selected * block_size / n
-      name = f"{type(cache).__name__} block {block_size}, {selected} of {n // block_size} blocks"
+      name = (f"{type(cache).__name__} per {select_per}, block {block_size}, {selected} of "
+              f"{n // block_size} blocks")
       log.add(n=n, impl=name, ms=t * 1e3, err=err, ideal_ms=frac_read * t_dense * 1e3)
       summary.append((n, "cache API", f"{name}; {t / (frac_read * t_dense):.2f}x frac*DenseKVCache", t,
                       frac_read * kv_bytes / t / 1e9, results.get("cudnn")))

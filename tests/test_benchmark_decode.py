@@ -15,10 +15,12 @@ def test_benchmark_decode_runs_and_logs_every_cache_row(tmp_path, capsys):
       "--config.repeats=1", f"--config.log_dir={tmp_path}"])
   rows = {r["impl"]: r for r in map(json.loads, (tmp_path / "benchmark.jsonl").read_text().splitlines())}
   for name in ("KIVIKernelCache int8 vg128 residual 128", "KIVIKernelCache int4 vg128 residual 128",
-               "QuestKVCache block 128, 2 of 4 blocks", "LandmarkKVCache block 128, 2 of 4 blocks"):
+               "QuestKVCache per kv_head, block 128, 2 of 4 blocks",
+               "LandmarkKVCache per kv_head, block 128, 2 of 4 blocks",
+               "QuestKVCache per query_head, block 128, 2 of 4 blocks"):
     assert rows[name]["ms"] > 0 and rows[name]["err"] < 1e-2, rows[name]
   assert rows["DenseKVCache"]["ms"] > 0
-  assert rows["QuestKVCache block 128, 2 of 4 blocks"]["ideal_ms"] == 0.5 * rows["DenseKVCache"]["ms"]
+  assert rows["QuestKVCache per kv_head, block 128, 2 of 4 blocks"]["ideal_ms"] == 0.5 * rows["DenseKVCache"]["ms"]
   assert "error" in rows["lcjax bk128 s2 w4 st3"]          # no GPU: the kernel row says why
   out = capsys.readouterr().out
-  assert "| 512 | cache API | QuestKVCache block 128, 2 of 4 blocks;" in out
+  assert "| 512 | cache API | QuestKVCache per kv_head, block 128, 2 of 4 blocks;" in out

@@ -65,6 +65,28 @@ def test_block_selection_and_attention_match_numpy(cls, np_scores):
         np.testing.assert_allclose(out[b, 0, hq], want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("cls,np_scores", [(QuestKVCache, np_quest_scores), (LandmarkKVCache, np_landmark_scores)])
+def test_kv_head_selection_shares_the_group_best_blocks(cls, np_scores):
+  # select_per="kv_head": one block set per KV head, by the largest score over its query heads.
+  rng = np.random.default_rng(3)
+  t, top, local, group = 29, 2, 1, HQ // HKV
+  q = rng.standard_normal((B, 1, HQ, D)).astype(np.float32) * 2
+  k, v = (rng.standard_normal((B, t + 1, HKV, D)).astype(np.float32) for _ in range(2))
+  cache = cls.create(B, CAP, HKV, D, block_size=BS, top_blocks=top, local_blocks=local,
+                     select_per="kv_head").update(k, v)
+  chosen, out = cache.selected_blocks(q), cache.attend(q)
+  assert chosen.shape == (B, HKV, CAP // BS)
+  for b in range(B):
+    for h in range(HKV):
+      heads = range(h * group, (h + 1) * group)
+      scores = np.max([np_scores(q[b, 0, hq], k[b, :, h], t) for hq in heads], axis=0)
+      want_blocks = np_select(scores, t, top, local)
+      assert set(np.nonzero(np.asarray(chosen[b, h]))[0].tolist()) == want_blocks, (b, h)
+      for hq in heads:
+        want = np_block_attention(q[b, 0, hq], k[b, :, h], v[b, :, h], t, want_blocks, BS)
+        np.testing.assert_allclose(out[b, 0, hq], want, atol=1e-5, rtol=1e-5)
+
+
 def test_quest_reads_everything_when_top_blocks_cover_the_sequence():
   rng = np.random.default_rng(1)
   q = rng.standard_normal((B, 1, HQ, D)).astype(np.float32)
@@ -78,6 +100,8 @@ def test_quest_reads_everything_when_top_blocks_cover_the_sequence():
 def test_capacity_errors():
   with pytest.raises(ValueError, match="block_size"):
     QuestKVCache.create(B, 30, HKV, D, block_size=BS)
+  with pytest.raises(ValueError, match="select_per='group'.*accepted"):
+    LandmarkKVCache.create(B, CAP, HKV, D, block_size=BS, select_per="group")
   rng = np.random.default_rng(2)
   k = rng.standard_normal((B, 8, HKV, D)).astype(np.float32)
   cache = LandmarkKVCache.create(B, 8, HKV, D, block_size=BS).update(k, k)

@@ -128,22 +128,24 @@ def test_decode_unsupported_reason_names_the_limit():
   assert db.decode_unsupported_reason(q, k, v, block_size=32) is None
 
 
-@pytest.mark.parametrize("kv_heads", [2, 4])
+@pytest.mark.parametrize("kv_heads,select_per", [(2, "query_head"), (4, "query_head"), (2, "kv_head")])
 @pytest.mark.parametrize("cache_name", ["QuestKVCache", "LandmarkKVCache"])
-def test_block_retrieval_caches_decode_through_the_sparse_kernel(cache_name, kv_heads, monkeypatch):
-  # Quest / landmark select blocks per query head; on the Pallas path the block-sparse kernel
-  # reads exactly those (one list per query head under GQA) and agrees with the masked XLA path.
+def test_block_retrieval_caches_decode_through_the_sparse_kernel(cache_name, kv_heads, select_per, monkeypatch):
+  # Quest / landmark select blocks per query head (or per KV head); on the Pallas path the
+  # block-sparse kernel reads exactly those (one list per selecting head) and agrees with the
+  # masked XLA path.
   import lcjax.cache as caches
   from pallas_kernels.gpu import decode as decode_kernels
   q, k, v = _cache(6, t=1, hq=4, hkv=kv_heads, c=128)
   cache = getattr(caches, cache_name).create(2, 128, kv_heads, 16, block_size=16, top_blocks=2,
-                                             local_blocks=1)
+                                             local_blocks=1, select_per=select_per)
   cache = cache.update(k[:, :90], v[:, :90]).update(k[:, 90:91], v[:, 90:91], num_new=jnp.array([1, 0]))
   calls = []
   real = decode_kernels.decode_attention
   monkeypatch.setattr(decode_kernels, "decode_attention",
                       lambda *a, **kw: calls.append(a[4].shape) or real(*a, **kw))
   out = cache.attend(q, implementation="pallas")
-  assert calls == [(2, 4, 8)]                        # block lists [B, Hq, num blocks]
+  heads = 4 if select_per == "query_head" else kv_heads
+  assert calls == [(2, heads, 8)]                    # block lists [B, Hq or Hkv, num blocks]
   ref = cache.attend(q, implementation="xla")
   np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)

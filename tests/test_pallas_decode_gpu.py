@@ -130,15 +130,17 @@ def test_kivi_kernel_cache_decode_step(bits, int8_dots, monkeypatch):
   assert err < (3e-2 if int8_dots else 5e-3), err
 
 
+@pytest.mark.parametrize("select_per", ["query_head", "kv_head"])
 @pytest.mark.parametrize("cache_name", ["QuestKVCache", "LandmarkKVCache"])
-def test_block_retrieval_caches_decode_step(cache_name, monkeypatch):
+def test_block_retrieval_caches_decode_step(cache_name, select_per, monkeypatch):
   """Quest / landmark caches filled in ragged chunks, then one decode step: the block-sparse
   kernel over the blocks each cache selects, against the same cache's XLA path in float32."""
   import lcjax.cache as caches
   q, k, v = _inputs(20)
   lengths = np.array([8192, 5000, 129, 1])
   cache = getattr(caches, cache_name).create(BATCH, CAPACITY, KV_HEADS, HEAD_DIM, block_size=64,
-                                             top_blocks=16, local_blocks=2, dtype=jnp.bfloat16)
+                                             top_blocks=16, local_blocks=2, select_per=select_per,
+                                             dtype=jnp.bfloat16)
   update = jax.jit(lambda c, a, b, n: c.update(a, b, num_new=n))
   for s in range(0, CAPACITY, 2048):
     cache = update(cache, k[:, s:s + 2048], v[:, s:s + 2048], jnp.asarray(np.clip(lengths - s, 0, 2048)))
@@ -147,7 +149,8 @@ def test_block_retrieval_caches_decode_step(cache_name, monkeypatch):
   monkeypatch.setattr(decode, "decode_attention",
                       lambda *a, **kw: calls.append(a[4].shape) or real(*a, **kw))
   out = jax.jit(lambda c, q: c.attend(q, implementation="pallas"))(cache, q)
-  assert calls == [(BATCH, Q_HEADS, CAPACITY // 64)]   # block lists [B, Hq, blocks]: per query head
+  heads = Q_HEADS if select_per == "query_head" else KV_HEADS
+  assert calls == [(BATCH, heads, CAPACITY // 64)]     # block lists [B, selecting heads, blocks]
   f32 = jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, cache)
   ref = f32.attend(q.astype(jnp.float32), implementation="xla")
   assert _rel(out, ref) < 1e-2

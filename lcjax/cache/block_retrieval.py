@@ -3,12 +3,19 @@
 Every token is kept (retrieval saves reads, not memory); keys are grouped in blocks of block_size
 positions, each with a summary. At a decode step (T == 1) each query head scores the blocks from
 their summaries, reads the `top_blocks` best plus the `local_blocks` most recent, and runs exact
-attention over those blocks only. Prefill chunks (T > 1) attend densely (causal), as the papers do.
+attention over those blocks only. select_per="query_head" (the papers, which use one KV head per
+query head) picks blocks per query head; select_per="kv_head" picks one set per KV head for all
+query heads of its GQA group, from the group's largest score per block (for Quest the bound on
+the largest logit any head of the group can have in the block), so each selected KV block is read
+once per group instead of once per query head choosing it. Prefill chunks (T > 1) attend densely (causal), as the papers do.
 A subclass defines the summaries (`summarize`) and the block score (`block_scores`).
 
 Decode steps on the Pallas path (implementation "auto" on a GPU, or "pallas") read exactly the
 selected blocks with the block-sparse decode kernel (lcjax/attention/decode_backend.py), one
 block list per query head; the XLA path masks the unselected ones.
+Under GQA with per-query-head selection the kernel reads a KV block once per query head that
+lists it: up to group x the selected fraction (BENCHMARKS.md run 15: 3.75-4.18x the fraction of
+DenseKVCache's time at group 4).
 Capacity: positions >= capacity cannot be stored: those sequences' outputs become NaN.
 """
 
@@ -23,6 +30,15 @@ from lcjax.attention import BlockLayout, attend, decode_backend, masks
 from lcjax.cache.dense import write_rows
 from lcjax.cache.slots import attend_slots, resolve_num_new
 
+SELECT_PER = ("query_head", "kv_head")
+
+
+def check_retrieval_args(capacity: int, block_size: int, select_per: str):
+  if capacity % block_size:
+    raise ValueError(f"block_size={block_size} must divide capacity={capacity}")
+  if select_per not in SELECT_PER:
+    raise ValueError(f"select_per={select_per!r}; accepted: {SELECT_PER}")
+
 
 def block_valid(lengths, num_blocks: int, block_size: int):
   """bool [B, nB]: the block holds at least one written token."""
@@ -30,9 +46,9 @@ def block_valid(lengths, num_blocks: int, block_size: int):
 
 
 def select_blocks(scores, lengths, block_size: int, top_blocks: int, local_blocks: int):
-  """bool [B, Hq, nB]: the top_blocks best-scoring valid blocks plus the local_blocks most recent.
+  """bool [B, H, nB]: the top_blocks best-scoring valid blocks plus the local_blocks most recent.
 
-  scores: float32 [B, Hq, nB].
+  scores: float32 [B, H, nB] (H: query or KV heads).
   """
   nb = scores.shape[-1]
   valid = block_valid(lengths, nb, block_size)[:, None]
@@ -47,7 +63,7 @@ def select_blocks(scores, lengths, block_size: int, top_blocks: int, local_block
 
 class BlockRetrievalCache:
   """Mixin: subclasses are registered dataclasses with fields k, v, lengths (plus their
-  summaries) and static block_size, top_blocks, local_blocks."""
+  summaries) and static block_size, top_blocks, local_blocks, select_per."""
 
   def summarize(self, k, lengths):
     raise NotImplementedError
@@ -70,8 +86,13 @@ class BlockRetrievalCache:
     return dataclasses.replace(self, k=k, v=v, lengths=lengths, **self.summarize(k, lengths))
 
   def selected_blocks(self, q):
-    return select_blocks(self.block_scores(q), self.lengths, self.block_size, self.top_blocks,
-                         self.local_blocks)
+    """bool [B, H, nB] for a decode query q [B, 1, Hq, D]: H = Hq (select_per="query_head") or
+    Hkv ("kv_head": the group's largest score per block)."""
+    scores = self.block_scores(q)
+    if self.select_per == "kv_head":
+      b, hq, nb = scores.shape
+      scores = scores.reshape(b, self.k.shape[2], hq // self.k.shape[2], nb).max(2)
+    return select_blocks(scores, self.lengths, self.block_size, self.top_blocks, self.local_blocks)
 
   def attend(self, q, *, scale: float | None = None, implementation: str = "auto"):
     poison = self.lengths > self.k.shape[1]
@@ -79,8 +100,9 @@ class BlockRetrievalCache:
       out = attend(q, self.k, self.v, mask=masks.causal(), scale=scale, q_offset=self.lengths - q.shape[1],
                    kv_valid_len=self.lengths, implementation=implementation)
       return jnp.where(poison[:, None, None, None], jnp.nan, out)
-    chosen = self.selected_blocks(q)                                   # [B, Hq, nB]
+    chosen = self.selected_blocks(q)                                   # [B, Hq or Hkv, nB]
     bs = self.block_size
+    group = q.shape[2] // chosen.shape[1]
     if (decode_backend.uses_kernels(implementation)
         and decode_backend.decode_unsupported_reason(q, self.k, self.v, bs) is None):
       layout = BlockLayout.from_block_mask(chosen[:, :, None], block_q=1, block_kv=bs, q_len=1,
@@ -90,7 +112,7 @@ class BlockRetrievalCache:
       return jnp.where(poison[:, None, None, None], jnp.nan, out)
 
     def visible(b, hq, q_pos, slot):
-      return chosen[b, hq, slot // bs] & (slot <= q_pos)
+      return chosen[b, hq // group, slot // bs] & (slot <= q_pos)
 
     return attend_slots(q, self.k, self.v, visible, self.lengths, scale=scale, poison=poison,
                         implementation=implementation)

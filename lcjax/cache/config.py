@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from lcjax.cache.block_retrieval import SELECT_PER
+
 POLICIES = ("dense", "window", "streaming", "h2o", "tova", "snapkv", "pyramidkv", "razor", "think",
             "kivi", "kivi_kernel", "gear", "mikv", "merge", "quest", "landmark", "linear", "minicache")
 SCHEDULES = ("uniform", "pyramid")
@@ -41,6 +43,9 @@ class CacheConfig:
     merge_threshold: KV merging, cosine similarity above which a key joins the previous slot.
     block_size, top_blocks: Quest / landmark retrieval (tokens per block, blocks read per step).
     local_blocks: Quest / landmark, most recent blocks always read.
+    select_per: Quest / landmark, "query_head" (the papers: one block set per query head) or
+      "kv_head" (one set per KV head from its GQA group's largest score per block; the decode
+      kernel then reads each selected block once per group, not once per query head choosing it).
     feature_map: linear attention's feature map ("elu1" or "relu").
     max_chunk: largest number of tokens one update() writes (the prefill chunk); sets headroom.
       generate() sets it to its own prefill chunk when it builds the caches.
@@ -76,6 +81,7 @@ class CacheConfig:
   block_size: int = 16
   top_blocks: int = 4
   local_blocks: int = 1
+  select_per: str = "query_head"
   feature_map: str = "elu1"
   max_chunk: int = 1
   minicache_start: int | None = None
@@ -91,6 +97,8 @@ class CacheConfig:
     for name in ("budget", "max_chunk", "block_size", "top_blocks", "group_size", "minicache_max_retained"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+    if self.select_per not in SELECT_PER:
+      raise ValueError(f"select_per={self.select_per!r}; accepted: {SELECT_PER}")
     if not 0.0 < self.channel_keep <= 1.0:
       raise ValueError(f"channel_keep={self.channel_keep}: must be in (0, 1]")
     if self.minicache_start is not None and self.minicache_start < 0:

@@ -94,7 +94,7 @@ def make_cache(cfg: CacheConfig, layer: int, *, num_layers: int, kv_heads: int, 
   if p in ("quest", "landmark"):
     cls = QuestKVCache if p == "quest" else LandmarkKVCache
     return cls.create(batch, capacity, kv_heads, head_dim, block_size=cfg.block_size, top_blocks=cfg.top_blocks,
-                      local_blocks=cfg.local_blocks, **common)
+                      local_blocks=cfg.local_blocks, select_per=cfg.select_per, **common)
   if p == "linear":
     return LinearStateCache.create(batch, kv_heads, head_dim, feature_map=cfg.feature_map, **chunk, **common)
   raise ValueError(f"policy={p!r} has no cache constructor")
