@@ -94,22 +94,26 @@ class BlockRetrievalCache:
       scores = scores.reshape(b, self.k.shape[2], hq // self.k.shape[2], nb).max(2)
     return select_blocks(scores, self.lengths, self.block_size, self.top_blocks, self.local_blocks)
 
+  def decode_layout(self, q) -> BlockLayout:
+    """The selection for a decode query q [B, 1, Hq, D] as a decode BlockLayout (heads Hq or Hkv),
+    what the block-sparse decode kernel reads."""
+    return BlockLayout.from_block_mask(self.selected_blocks(q)[:, :, None], block_q=1,
+                                       block_kv=self.block_size, q_len=1, kv_len=self.k.shape[1])
+
   def attend(self, q, *, scale: float | None = None, implementation: str = "auto"):
     poison = self.lengths > self.k.shape[1]
     if q.shape[1] > 1:
       out = attend(q, self.k, self.v, mask=masks.causal(), scale=scale, q_offset=self.lengths - q.shape[1],
                    kv_valid_len=self.lengths, implementation=implementation)
       return jnp.where(poison[:, None, None, None], jnp.nan, out)
-    chosen = self.selected_blocks(q)                                   # [B, Hq or Hkv, nB]
     bs = self.block_size
-    group = q.shape[2] // chosen.shape[1]
     if (decode_backend.uses_kernels(implementation)
         and decode_backend.decode_unsupported_reason(q, self.k, self.v, bs) is None):
-      layout = BlockLayout.from_block_mask(chosen[:, :, None], block_q=1, block_kv=bs, q_len=1,
-                                           kv_len=self.k.shape[1])
-      out = decode_backend.decode_attend(q, self.k, self.v, self.lengths, layout=layout, scale=scale,
-                                         implementation=implementation)
+      out = decode_backend.decode_attend(q, self.k, self.v, self.lengths, layout=self.decode_layout(q),
+                                         scale=scale, implementation=implementation)
       return jnp.where(poison[:, None, None, None], jnp.nan, out)
+    chosen = self.selected_blocks(q)                                   # [B, Hq or Hkv, nB]
+    group = q.shape[2] // chosen.shape[1]
 
     def visible(b, hq, q_pos, slot):
       return chosen[b, hq // group, slot // bs] & (slot <= q_pos)
