@@ -144,13 +144,11 @@ def _nibbles_times16(packed, part: int):
 def _kernel(len_ref, q_ref, ks_ref, kz_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_ref, lse_ref, smem, bars, *,
             scale, n, group, q_len, num_splits, stages, tile_k, key_group, value_group, head_dim, bits):
   split, h, b = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("batch")
-  q_in_sm, q_sm, qsb_sm, ks_sm, kz_sm, k_sm, v_sm, vs_sm, vz_sm, p_sm = smem
+  q_sm, qsb_sm, ks_sm, kz_sm, k_sm, v_sm, vs_sm, vz_sm = smem
   q_bar, bars = bars[0], bars[1:]
   length = len_ref[b]
   total = jnp.minimum((length + tile_k - 1) // tile_k, kc_ref.shape[1] // tile_k)
   lo, hi = split_range(total, num_splits, split)
-  # Tiles wholly at or before the first new query's position are seen by every query: no mask.
-  unmasked_end = jnp.clip((length - q_len + 1) // tile_k, lo, hi)
   groups = head_dim // value_group
   parts = 8 // bits                       # nibble halves per byte
   width = head_dim // parts               # channels per part = bytes per row
@@ -181,13 +179,15 @@ def _kernel(len_ref, q_ref, ks_ref, kz_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_re
     plgpu.copy_gmem_to_smem(vs_ref.at[b, h, :, keys], vs_sm.at[slot], bars[4].at[slot])
     plgpu.copy_gmem_to_smem(vz_ref.at[b, h, :, keys], vz_sm.at[slot], bars[5].at[slot])
 
-  plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_in_sm, q_bar)
-  for i in range(stages):
-    pl.when(lo + i < hi)(functools.partial(issue, lo + i, i))
-  plgpu.barrier_wait(q_bar)
+  def load_queries(q_in_sm):             # a scope of its own: its shared memory is reused below
+    plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_in_sm, q_bar)
+    for i in range(stages):
+      pl.when(lo + i < hi)(functools.partial(issue, lo + i, i))
+    plgpu.barrier_wait(q_bar)
+    return [plgpu.load(q_in_sm.at[:, part_cols(p)], layout=fold_layout) for p in range(parts)]
   part_cols = lambda p: pl.ds(p * width, width)
-  q = [plgpu.load(q_in_sm.at[:, part_cols(p)], layout=fold_layout).astype(jnp.float32) * (scale * _LOG2E)
-       for p in range(parts)]                                            # base 2, [COLS, width] each
+  q = [x.astype(jnp.float32) * (scale * _LOG2E)                     # base 2, [COLS, width] each
+       for x in pl.run_scoped(load_queries, plgpu.SMEM((COLS, head_dim), q_ref.dtype))]
 
   def fold_query(slot):
     """q . k = (q * ks) . code + q . kz per key group: writes the int8 operand round(q * ks /
@@ -209,13 +209,16 @@ def _kernel(len_ref, q_ref, ks_ref, kz_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_re
           jnp.add, [jnp.sum(qp * channel(kz_sm.at[slot, i, part_cols(p)]), axis=1) for p, qp in enumerate(q)])
     plgpu.commit_smem()                  # the operand visible to the tensor cores, the vectors to all
 
-  col_ids = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wgmma_layout)
+  col_ids = plgpu.broadcasted_iota(jnp.int32, (COLS,), 0, layout=col_layout)
   q_pos = jnp.where(col_ids < n, length - q_len + col_ids // group, -1)   # padding columns: -1
 
-  def body(masked, tile, carry):
+  # One loop body for every tile, the causal / length mask always applied: a second, unmasked copy
+  # of the body cost 16-24 registers (ptxas allocates for the larger loop).
+  def body(p_sm, tile, carry):
     acc, m, l_part, corr_part = carry
     slot = lax.rem(tile - lo, stages)
     start = tile * tile_k
+    key = lambda c, layout: start + c * BLOCK_K + plgpu.broadcasted_iota(jnp.int32, (BLOCK_K,), 0, layout=layout)
     for bar in bars:
       plgpu.barrier_wait(bar.at[slot])
     fold_query(slot)
@@ -229,19 +232,16 @@ def _kernel(len_ref, q_ref, ks_ref, kz_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_re
           packed = plgpu.load(k_sm.at[slot, chunk_keys(c)], layout=plgpu.Layout.WGMMA_8BIT)
           for p in range(parts):
             plgpu.wgmma(acc_ref, _nibbles_times16(packed, p), operand(p))
+          if c + 1 < chunks:  # register operands: one chunk's unpacked nibbles live at a time
+            plgpu.wgmma_wait(0)
       return [acc_ref[...] for acc_ref in acc_refs]
     s_int = pl.run_scoped(scores, [plgpu.ACC(shape, jnp.int32)] * chunks)
-    if bits == 4:       # read before the barrier after the P^T stores, which frees the slot
-      packed_v = plgpu.load(v_sm.at[slot], layout=plgpu.Layout.WGMMA_8BIT)     # [64 bytes, tile_k]
     s = []
     for c, x in enumerate(s_int):
       q_scale = plgpu.load(qsb_sm.at[chunk_group(c), 0], layout=col_layout)
       q_bias = plgpu.load(qsb_sm.at[chunk_group(c), 1], layout=col_layout)
       x = x.astype(jnp.float32) * cols(q_scale) + cols(q_bias)           # base-2 logits
-      if masked:
-        k_pos = start + c * BLOCK_K + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wgmma_layout)
-        x = jnp.where(k_pos <= q_pos, x, -jnp.inf)
-      s.append(x)
+      s.append(jnp.where(rows(key(c, row_layout)) <= cols(q_pos), x, -jnp.inf))
     tile_max = functools.reduce(jnp.maximum, [x.max(axis=0) for x in s])
     m_new = jnp.maximum(m, tile_max)
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)                  # columns that saw nothing yet
@@ -249,42 +249,45 @@ def _kernel(len_ref, q_ref, ks_ref, kz_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_re
     t_safe = jnp.where(tile_max == -jnp.inf, 0.0, tile_max)
     # p = exp2(s - tile max) has a column maximum of 1, so a fixed int8 scale gives every column
     # the full range; the column's factor exp2(tile max - m) goes onto the tile's products.
-    p = [jnp.exp2(x - cols(t_safe)) for x in s]                          # 0 where masked
     tile_factor = jnp.where(tile_max == -jnp.inf, 0.0, jnp.exp2(t_safe - m_safe))
-    p_f = [x * cols(tile_factor) for x in p]
-    l_part = functools.reduce(jnp.add, p_f, l_part * cols(alpha))
-
-    units, new_corr = [], []
+    half = lambda x: x[:M_GROUP] + x[M_GROUP:]          # [64, COLS] partials: rows r and r + 64 summed
+    alpha_half = lax.broadcast_in_dim(alpha, (M_GROUP, COLS), [1])
+    written = lambda x, c, layout: jnp.where(key(c, layout) < length, x, 0.0)
+    # slots past the length may hold anything: keep them out of vmax and p . vz
+    v_max = []
     for g in range(groups):
-      vs, vz, v_max = [], [], None
-      for c in range(chunks):
-        vs_c = plgpu.load(vs_sm.at[slot, g, chunk_keys(c)], layout=row_layout).astype(jnp.float32)
-        vz_c = plgpu.load(vz_sm.at[slot, g, chunk_keys(c)], layout=row_layout).astype(jnp.float32)
-        vs_w = plgpu.load(vs_sm.at[slot, g, chunk_keys(c)], layout=warp_layout).astype(jnp.float32)
-        if masked:      # slots past the length may hold anything; keep them out of vmax and p . vz
-          key = lambda layout: start + c * BLOCK_K + plgpu.broadcasted_iota(jnp.int32, (BLOCK_K,), 0, layout=layout)
-          written = key(row_layout) < length
-          vs_c, vz_c = jnp.where(written, vs_c, 0.0), jnp.where(written, vz_c, 0.0)
-          vs_w = jnp.where(key(warp_layout) < length, vs_w, 0.0)
-        vs.append(vs_c)
-        vz.append(vz_c)
-        v_max = vs_w.max(axis=0) if v_max is None else jnp.maximum(v_max, vs_w.max(axis=0))   # a scalar
-      v_max = jnp.maximum(v_max, 1e-30)
-      new_corr.append(functools.reduce(jnp.add, [pc * rows(z) for pc, z in zip(p_f, vz)],
-                                       corr_part[g] * cols(alpha)))
-      for c in range(chunks):
-        # The transposed store needs vectors along the keys: change layout in float32 (WGMMA <->
-        # WGMMA_TRANSPOSED exists for 16 and 32 bits only), then round p * vs / vmax * 127.
-        p_q = plgpu.layout_cast(p[c] * rows(vs[c]) * (127.0 / v_max) + 0.5, plgpu.Layout.WGMMA_TRANSPOSED)
+      w = [written(plgpu.load(vs_sm.at[slot, g, chunk_keys(c)], layout=warp_layout).astype(jnp.float32), c,
+                   warp_layout).max(axis=0) for c in range(chunks)]
+      v_max.append(jnp.maximum(functools.reduce(jnp.maximum, w), 1e-30))              # a scalar
+    l_part = l_part * alpha_half
+    corr_part = [x * alpha_half for x in corr_part]
+    for c in range(chunks):
+      p = jnp.exp2(s[c] - cols(t_safe))                                 # 0 where masked
+      p_f = p * cols(tile_factor)
+      l_part = l_part + half(p_f)
+      for g in range(groups):
+        vs = written(plgpu.load(vs_sm.at[slot, g, chunk_keys(c)], layout=row_layout).astype(jnp.float32), c, row_layout)
+        vz = written(plgpu.load(vz_sm.at[slot, g, chunk_keys(c)], layout=row_layout).astype(jnp.float32), c, row_layout)
+        corr_part[g] = corr_part[g] + half(p_f * rows(vz))
+        p_q = plgpu.layout_cast(p * rows(vs) * (127.0 / v_max[g]) + 0.5, plgpu.Layout.WGMMA_TRANSPOSED)
         p_sm.at[g, :, chunk_keys(c)].T[...] = p_q.astype(jnp.int8)
-      units.append(v_max * (code_unit / 127.0) * tile_factor)
+    units = [vm * (code_unit / 127.0) * tile_factor for vm in v_max]
+    new_corr = corr_part
     plgpu.commit_smem()                  # P^T visible to the tensor cores
 
+    # The value codes are read after the barrier above: wgmma is issued by the whole warpgroup
+    # with register A operands from all four warps, so its completion (waited for before the
+    # slot's refill is issued) follows every warp's reads of the slot.
     def values(acc_refs):
-      for j, acc_ref in enumerate(acc_refs):          # 64 output channels each
-        codes = (v_sm.at[slot, pl.ds(j * M_GROUP, M_GROUP)] if bits == 8
-                 else _nibbles_times16(packed_v, j))
-        plgpu.wgmma(acc_ref, codes, p_sm.at[j * M_GROUP // value_group].T)
+      for c in range(chunks):
+        if bits == 4:
+          packed_v = plgpu.load(v_sm.at[slot, :, chunk_keys(c)], layout=plgpu.Layout.WGMMA_8BIT)
+        for j, acc_ref in enumerate(acc_refs):          # 64 output channels each
+          codes = (v_sm.at[slot, pl.ds(j * M_GROUP, M_GROUP), chunk_keys(c)] if bits == 8
+                   else _nibbles_times16(packed_v, j))
+          plgpu.wgmma(acc_ref, codes, p_sm.at[j * M_GROUP // value_group, :, chunk_keys(c)].T)
+        if c + 1 < chunks:
+          plgpu.wgmma_wait(0)
       return [acc_ref[...] for acc_ref in acc_refs]
     o_int = pl.run_scoped(values, [plgpu.ACC((M_GROUP, COLS), jnp.int32)] * len(acc))
     acc = [a * lax.broadcast_in_dim(alpha, a.shape, [1])
@@ -299,10 +302,11 @@ def _kernel(len_ref, q_ref, ks_ref, kz_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_re
   zeros = lambda s: plgpu.layout_cast(jnp.full(s, 0, jnp.float32), wgmma_layout)
   carry = ([zeros((M_GROUP, COLS)) for _ in range(head_dim // M_GROUP)],
            plgpu.layout_cast(jnp.full((COLS,), -jnp.inf, jnp.float32), col_layout),
-           zeros(shape), [zeros(shape) for _ in range(groups)])
-  carry = lax.fori_loop(lo, unmasked_end, functools.partial(body, False), carry)
-  acc, m, l_part, corr_part = lax.fori_loop(unmasked_end, hi, functools.partial(body, True), carry)
-
+           zeros((M_GROUP, COLS)), [zeros((M_GROUP, COLS)) for _ in range(groups)])
+  # P_g in a scope after the queries' one, so the two share shared memory.
+  acc, m, l_part, corr_part = pl.run_scoped(
+      lambda p_sm: lax.fori_loop(lo, hi, functools.partial(body, p_sm), carry),
+      _smem_tile((groups, COLS, tile_k), jnp.int8, BLOCK_K))
   l = l_part.sum(axis=0)
   nonempty = l > 0
   inv_l = 1.0 / jnp.where(nonempty, l, 1.0)
@@ -318,7 +322,8 @@ def _kernel(len_ref, q_ref, ks_ref, kz_ref, kc_ref, vc_ref, vs_ref, vz_ref, o_re
 def default_num_splits(batch: int, kv_heads: int, num_tiles: int) -> int:
   """Two programs per SM, one full wave (int8: 4 splits at B8 Hkv8, 153 us at 32k against 158-179
   us for 6, 8 or 12 splits, BENCHMARKS.md run 13; int4 on 256-key tiles: 109 us against 119-140
-  for 3, 6 or 8, run 14)."""
+  for 3, 6 or 8, run 14; run 16's kernel: int8 ties at 4 and 6, int4 126 us at 4 against 128-132
+  at 6)."""
   return int(max(1, min(2 * NUM_SMS // (batch * kv_heads), num_tiles)))
 
 
@@ -355,16 +360,14 @@ def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | No
   width = kv.k_codes.shape[-1]                                         # bytes per cache row
 
   def entry(*refs):
-    smem = (plgpu.SMEM((COLS, head_dim), q.dtype),                             # packed queries
-            _smem_tile((key_groups, head_dim // width, COLS, width), jnp.int8, width),   # query operands
+    smem = (_smem_tile((key_groups, head_dim // width, COLS, width), jnp.int8, width),   # query operands
             plgpu.SMEM((key_groups, 2, COLS), jnp.float32),                    # their scale, bias
             plgpu.SMEM((stages, key_groups, head_dim), jnp.float16),           # key scales
             plgpu.SMEM((stages, key_groups, head_dim), jnp.float16),           # key zeros
             _smem_tile((stages, block_k, width), jnp.int8, width),             # key codes
             _smem_tile((stages, width, block_k), jnp.int8, BLOCK_K),           # value codes
             plgpu.SMEM((stages, groups, block_k), jnp.float16),                # value scales
-            plgpu.SMEM((stages, groups, block_k), jnp.float16),                # value zeros
-            _smem_tile((groups, COLS, block_k), jnp.int8, BLOCK_K))            # P_g (P^T's rows)
+            plgpu.SMEM((stages, groups, block_k), jnp.float16))                # value zeros
     bars = (plgpu.Barrier(), *(plgpu.Barrier(num_barriers=stages) for _ in range(6)))
     pl.run_scoped(lambda smem, bars: kernel(*refs, smem, bars), smem, bars)
 
@@ -377,7 +380,8 @@ def quantized_decode_attention(q, kv: QuantizedKV, lengths, *, scale: float | No
       kernel_name=f"lcjax_int{kv.bits}_decode_mosaic",
       # No automatic barriers: the one after the P^T stores (commit_smem) also orders every read
       # of a slot before the copies that refill it, and the reductions bring their own.
-      compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True,
+      compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=1024,   # cross-warp maxima need 128 B; 2 KiB cost a third program per SM
+                                           unsafe_no_auto_barriers=True,
                                            lowering_semantics=plgpu.LoweringSemantics.Lane),
   )(lengths.astype(jnp.int32), qp, kv.k_scale.astype(jnp.float16), kv.k_zero.astype(jnp.float16), kv.k_codes, kv.v_codes,
     kv.v_scale.astype(jnp.float16), kv.v_zero.astype(jnp.float16))
