@@ -87,6 +87,28 @@ def test_kv_head_selection_shares_the_group_best_blocks(cls, np_scores):
         np.testing.assert_allclose(out[b, 0, hq], want, atol=1e-5, rtol=1e-5)
 
 
+def test_block_lists_are_ascending_padded_and_match_the_mask():
+  from lcjax.cache.block_retrieval import lists_to_mask, select_block_lists
+  rng = np.random.default_rng(2)
+  nb, top, local = 12, 3, 2
+  scores = jnp.asarray(rng.standard_normal((4, 2, nb)), jnp.float32)
+  lengths = jnp.array([45, 9, 1, 0])  # 12, 3, 1 and 0 written blocks of 4
+  idx, cnt = select_block_lists(scores, lengths, BS, top, local)
+  assert idx.shape == (4, 2, top + local)
+  np.testing.assert_array_equal(cnt, [[5, 5], [3, 3], [1, 1], [0, 0]])
+  mask = lists_to_mask(idx, cnt, nb)
+  for b, n_written in enumerate([12, 3, 1, 0]):
+    for h in range(2):
+      c = int(cnt[b, h])
+      row = np.asarray(idx[b, h])
+      assert np.all(np.diff(row[:c]) > 0) and np.all(row[c:] == (row[c - 1] if c else row[c:]))
+      if n_written:
+        want = np_select(np.where(np.arange(nb) < n_written, np.asarray(scores[b, h]), -np.inf),
+                         int(lengths[b]) - 1, top, local)
+        assert set(row[:c].tolist()) == want, (b, h)
+      assert set(np.nonzero(np.asarray(mask[b, h]))[0].tolist()) == set(row[:c].tolist())
+
+
 def test_quest_reads_everything_when_top_blocks_cover_the_sequence():
   rng = np.random.default_rng(1)
   q = rng.standard_normal((B, 1, HQ, D)).astype(np.float32)

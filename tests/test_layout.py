@@ -133,3 +133,31 @@ def test_property_segment_layout_is_exact(mask, q_len, kv_len, bq, bk, seed):
   want_visible, want_full = oracle(mask, q_len, kv_len, bq, bk, 0, seg, kv_seg)
   np.testing.assert_array_equal(visible[:, 0], want_visible)
   np.testing.assert_array_equal(full[:, 0], want_full)
+
+
+def test_from_kv_lists_matches_from_block_mask():
+  # Random key-block lists (some rows empty) against the layout built from their dense table.
+  from lcjax.attention import BlockLayout
+  rng = np.random.default_rng(0)
+  b, h, n_q, n_kv, k = 2, 3, 2, 7, 4
+  counts = rng.integers(0, k + 1, (b, h, n_q))
+  idx = np.zeros((b, h, n_q, k), np.int32)
+  visible = np.zeros((b, h, n_q, n_kv), bool)
+  full = rng.random((b, h, n_q, n_kv)) < 0.5
+  for i in np.ndindex(b, h, n_q):
+    chosen = np.sort(rng.permutation(n_kv)[:counts[i]])
+    visible[i][chosen] = True
+    idx[i] = np.concatenate([chosen, np.full(k - counts[i], chosen[-1] if counts[i] else 0)])
+  sizes = dict(block_q=4, block_kv=3, q_len=8, kv_len=20)
+  kv_full = np.take_along_axis(full, idx, -1)
+  got = jax.jit(lambda i, c, f: BlockLayout.from_kv_lists(i, c, f, **sizes))(idx, counts.astype(np.int32), kv_full)
+  want = BlockLayout.from_block_mask(jnp.asarray(visible), jnp.asarray(full), **sizes)
+  for g, w in zip(got.block_mask(), want.block_mask()):
+    np.testing.assert_array_equal(g, w)
+  np.testing.assert_array_equal(got.kv_indices, idx)
+  for name in ("q_indices", "q_counts", "q_full"):
+    np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+  with pytest.raises(ValueError, match="kv_counts"):
+    BlockLayout.from_kv_lists(idx, counts[..., :1], **sizes)
+  with pytest.raises(ValueError, match="num_q_blocks=2"):
+    BlockLayout.from_kv_lists(idx[:, :, :1], counts[:, :, :1], **sizes)

@@ -146,6 +146,6 @@ def test_block_retrieval_caches_decode_through_the_sparse_kernel(cache_name, kv_
                       lambda *a, **kw: calls.append(a[4].shape) or real(*a, **kw))
   out = cache.attend(q, implementation="pallas")
   heads = 4 if select_per == "query_head" else kv_heads
-  assert calls == [(2, heads, 8)]                    # block lists [B, Hq or Hkv, num blocks]
+  assert calls == [(2, heads, 3)]                    # block lists [B, Hq or Hkv, top + local blocks]
   ref = cache.attend(q, implementation="xla")
   np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)

@@ -150,7 +150,7 @@ def test_block_retrieval_caches_decode_step(cache_name, select_per, monkeypatch)
                       lambda *a, **kw: calls.append(a[4].shape) or real(*a, **kw))
   out = jax.jit(lambda c, q: c.attend(q, implementation="pallas"))(cache, q)
   heads = Q_HEADS if select_per == "query_head" else KV_HEADS
-  assert calls == [(BATCH, heads, CAPACITY // 64)]     # block lists [B, selecting heads, blocks]
+  assert calls == [(BATCH, heads, 16 + 2)]             # block lists [B, selecting heads, top + local]
   f32 = jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, cache)
   ref = f32.attend(q.astype(jnp.float32), implementation="xla")
   assert _rel(out, ref) < 1e-2

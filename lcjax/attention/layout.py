@@ -1,8 +1,9 @@
 """BlockLayout: which key blocks each query block visits, as a pytree of int32 tables.
 
 The contract between "select" and "attend" (docs/architecture.md). Producers (static masks
-compiled on the host, dynamic selectors under jit) build one with `BlockLayout.from_block_mask`;
-consumers (the XLA reference, the Pallas kernels) read the index lists.
+compiled on the host, dynamic selectors under jit) build one with `BlockLayout.from_block_mask`,
+or `from_kv_lists` from top-k block indices; consumers (the XLA reference, the Pallas kernels)
+read the index lists.
 
 Shapes (B and H may be 1, meaning "the same for every batch row / head"; a layout with H heads
 serves q heads h * H // q_heads, so H may be 1, kv_heads or q_heads):
@@ -49,6 +50,12 @@ def _compress(visible, full):
   return indices.astype(xp.int32), counts, flags
 
 
+def _check_static_sizes(**sizes):
+  for name, value in sizes.items():
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f"{name}={value!r}; accepted: a static Python int >= 1")
+
+
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["kv_indices", "kv_counts", "kv_full", "q_indices", "q_counts", "q_full"],
@@ -88,9 +95,7 @@ class BlockLayout:
         means no block is known to be fully visible (the element mask is always applied).
     """
     xp = np if isinstance(visible, np.ndarray) else jnp
-    for name, value in (("block_q", block_q), ("block_kv", block_kv), ("q_len", q_len), ("kv_len", kv_len)):
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}={value!r}; accepted: a static Python int >= 1")
+    _check_static_sizes(block_q=block_q, block_kv=block_kv, q_len=q_len, kv_len=kv_len)
     if visible.ndim != 4:
       raise ValueError(f"visible must be [B, H, num_q_blocks, num_kv_blocks]; got shape {visible.shape}")
     expected = (_cdiv(q_len, block_q), _cdiv(kv_len, block_kv))
@@ -107,6 +112,33 @@ class BlockLayout:
     q_indices, q_counts, q_full = _compress(xp.swapaxes(visible, -1, -2), xp.swapaxes(full, -1, -2))
     return cls(kv_indices, kv_counts, kv_full, q_indices, q_counts, q_full,
                block_q=block_q, block_kv=block_kv, q_len=q_len, kv_len=kv_len)
+
+  @classmethod
+  def from_kv_lists(cls, kv_indices, kv_counts, kv_full=None, *, block_q: int, block_kv: int, q_len: int,
+                    kv_len: int) -> "BlockLayout":
+    """Builds a layout from key-block lists, as selectors working from top-k indices produce them.
+
+    Args:
+      kv_indices: int32 [B, H, num_q_blocks, k], ascending, the padding past kv_counts repeating
+        the last valid index (as in the layout).
+      kv_counts: int32 [B, H, num_q_blocks].
+      kv_full: bool like kv_indices, or None (no block known to be fully visible).
+    The transposed lists come from the dense table; under jit they cost nothing where no consumer
+    reads them (the decode kernels read only the key-block lists).
+    """
+    _check_static_sizes(block_q=block_q, block_kv=block_kv, q_len=q_len, kv_len=kv_len)
+    if kv_indices.ndim != 4 or kv_indices.shape[2] != _cdiv(q_len, block_q):
+      raise ValueError(f"kv_indices must be [B, H, num_q_blocks={_cdiv(q_len, block_q)}, k]; got shape "
+                       f"{kv_indices.shape}")
+    if tuple(kv_counts.shape) != tuple(kv_indices.shape[:3]):
+      raise ValueError(f"kv_counts has shape {tuple(kv_counts.shape)}; accepted: {tuple(kv_indices.shape[:3])}")
+    listed = jnp.arange(kv_indices.shape[-1]) < kv_counts[..., None]
+    kv_full = jnp.zeros(kv_indices.shape, bool) if kv_full is None else kv_full.astype(bool) & listed
+    kv_lists = cls(kv_indices.astype(jnp.int32), kv_counts.astype(jnp.int32), kv_full, None, None, None,
+                   block_q=block_q, block_kv=block_kv, q_len=q_len, kv_len=kv_len)
+    visible, full = kv_lists.block_mask()
+    q_indices, q_counts, q_full = _compress(jnp.swapaxes(visible, -1, -2), jnp.swapaxes(full, -1, -2))
+    return dataclasses.replace(kv_lists, q_indices=q_indices, q_counts=q_counts, q_full=q_full)
 
   def block_mask(self):
     """Dense bool [B, H, num_q_blocks, num_kv_blocks] tables (visible, full), for references and tests."""

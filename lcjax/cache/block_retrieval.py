@@ -45,10 +45,14 @@ def block_valid(lengths, num_blocks: int, block_size: int):
   return jnp.arange(num_blocks)[None] * block_size < lengths[:, None]
 
 
-def select_blocks(scores, lengths, block_size: int, top_blocks: int, local_blocks: int):
-  """bool [B, H, nB]: the top_blocks best-scoring valid blocks plus the local_blocks most recent.
+def select_block_lists(scores, lengths, block_size: int, top_blocks: int, local_blocks: int):
+  """The top_blocks best-scoring valid blocks plus the local_blocks most recent, as block lists.
 
   scores: float32 [B, H, nB] (H: query or KV heads).
+  Returns (indices int32 [B, H, k] ascending, the padding past counts repeating the last valid
+  index as BlockLayout's lists do; counts int32 [B, H]), k = min(top_blocks + local_blocks, nB).
+  Exactly k blocks are chosen where k are valid (ties broken by top_k), all valid ones otherwise.
+  Built from top_k's indices: no [B, H, nB] mask is compressed (a second sort over nB).
   """
   nb = scores.shape[-1]
   valid = block_valid(lengths, nb, block_size)[:, None]
@@ -57,8 +61,19 @@ def select_blocks(scores, lengths, block_size: int, top_blocks: int, local_block
   s = jnp.where(valid, scores, -jnp.inf)
   s = jnp.where(local[:, None], jnp.inf, s)
   k = min(top_blocks + local_blocks, nb)
-  kth = jax.lax.top_k(s, k)[0][..., -1:]
-  return (s >= kth) & valid
+  best, order = jax.lax.top_k(s, k)
+  chosen = best > -jnp.inf                                           # invalid blocks score -inf
+  counts = chosen.sum(-1).astype(jnp.int32)
+  indices = jnp.sort(jnp.where(chosen, order, nb), axis=-1)          # chosen first, ascending
+  pad = jnp.take_along_axis(indices, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
+  indices = jnp.where(jnp.arange(k) < counts[..., None], indices, pad)
+  return jnp.minimum(indices, nb - 1).astype(jnp.int32), counts       # no valid block: index 0..nB-1, count 0
+
+
+def lists_to_mask(indices, counts, num_blocks: int):
+  """bool [B, H, nB] from block lists (indices [B, H, k], counts [B, H])."""
+  listed = jnp.arange(indices.shape[-1]) < counts[..., None]
+  return ((indices[..., None] == jnp.arange(num_blocks)) & listed[..., None]).any(-2)
 
 
 class BlockRetrievalCache:
@@ -85,20 +100,26 @@ class BlockRetrievalCache:
     # Recomputed from all keys for clarity; an incremental update only touches the written blocks.
     return dataclasses.replace(self, k=k, v=v, lengths=lengths, **self.summarize(k, lengths))
 
-  def selected_blocks(self, q):
-    """bool [B, H, nB] for a decode query q [B, 1, Hq, D]: H = Hq (select_per="query_head") or
-    Hkv ("kv_head": the group's largest score per block)."""
+  def selected_block_lists(self, q):
+    """(indices int32 [B, H, k], counts int32 [B, H]) for a decode query q [B, 1, Hq, D]
+    (select_block_lists): H = Hq (select_per="query_head") or Hkv ("kv_head": the group's
+    largest score per block)."""
     scores = self.block_scores(q)
     if self.select_per == "kv_head":
       b, hq, nb = scores.shape
       scores = scores.reshape(b, self.k.shape[2], hq // self.k.shape[2], nb).max(2)
-    return select_blocks(scores, self.lengths, self.block_size, self.top_blocks, self.local_blocks)
+    return select_block_lists(scores, self.lengths, self.block_size, self.top_blocks, self.local_blocks)
+
+  def selected_blocks(self, q):
+    """bool [B, H, nB]: the same selection as a block mask (the XLA path, tests)."""
+    return lists_to_mask(*self.selected_block_lists(q), self.num_blocks)
 
   def decode_layout(self, q) -> BlockLayout:
     """The selection for a decode query q [B, 1, Hq, D] as a decode BlockLayout (heads Hq or Hkv),
     what the block-sparse decode kernel reads."""
-    return BlockLayout.from_block_mask(self.selected_blocks(q)[:, :, None], block_q=1,
-                                       block_kv=self.block_size, q_len=1, kv_len=self.k.shape[1])
+    indices, counts = self.selected_block_lists(q)
+    return BlockLayout.from_kv_lists(indices[:, :, None], counts[:, :, None], block_q=1,
+                                     block_kv=self.block_size, q_len=1, kv_len=self.k.shape[1])
 
   def attend(self, q, *, scale: float | None = None, implementation: str = "auto"):
     poison = self.lengths > self.k.shape[1]
