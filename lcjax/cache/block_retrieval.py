@@ -12,10 +12,10 @@ A subclass defines the summaries (`summarize`) and the block score (`block_score
 
 Decode steps on the Pallas path (implementation "auto" on a GPU, or "pallas") read exactly the
 selected blocks with the block-sparse decode kernel (lcjax/attention/decode_backend.py), one
-block list per query head; the XLA path masks the unselected ones.
+block list per selecting head; the XLA path masks the unselected ones.
 Under GQA with per-query-head selection the kernel reads a KV block once per query head that
-lists it: up to group x the selected fraction (BENCHMARKS.md run 15: 3.75-4.18x the fraction of
-DenseKVCache's time at group 4).
+lists it: up to group x the selected fraction (BENCHMARKS.md run 17: 3.6-3.8x the fraction of
+DenseKVCache's time at group 4; per KV head 1.2-1.8x, the selection in XLA included).
 Capacity: positions >= capacity cannot be stored: those sequences' outputs become NaN.
 """
 
