@@ -26,6 +26,9 @@ CONFIG = dict(
     retrieval_caches=(("quest", 128, 0.125, "kv_head"), ("landmark", 128, 0.125, "kv_head"),
                       ("quest", 128, 0.125, "query_head")),
     sparse_fractions=(0.125, 0.25), sparse_block=128,
+    # Ragged batches (one sequence at the full length, the others at this fraction of it): the
+    # dense kernel's two schedules (splits, balanced) with ragged_config, and cuDNN; () skips them.
+    ragged_fractions=(1 / 16,), ragged_config=(128, 16, 4, 3),
     # (block_k, num_splits, num_warps, num_stages) for the block-sparse kernel; best one reported.
     sparse_sweep=((64, 2, 4, 4), (128, 2, 4, 3), (128, 2, 4, 4), (64, 4, 4, 4), (128, 4, 4, 3)),
     iters=30, repeats=5,

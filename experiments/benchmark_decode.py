@@ -254,6 +254,31 @@ def main(argv):
         best = (name, t)
     results["lcjax_dense"] = best[1]
     summary.append((n, "dense bf16", best[0], best[1], gbps(best[1]), results.get("cudnn")))
+
+    # Ragged batch: one sequence at n, the others at n * fraction. The even split gives the long
+    # sequence's programs all its keys; the balanced schedule cuts the batch's tiles evenly.
+    # "x ideal": against the full batch's best time scaled by the tokens actually held.
+    for frac in cfg["ragged_fractions"]:
+      rl = jnp.array([n] + [max(1, int(n * frac))] * (b - 1), jnp.int32)
+      ideal = best[1] * float(rl.sum()) / (b * n)
+      rref = jax.nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                                          key_value_seq_lengths=rl, implementation="xla")
+      bk, splits, warps, stages = cfg["ragged_config"]
+      rows = [(f"ragged {frac:g} cudnn", jax.jit(lambda q, k, v, l: jax.nn.dot_product_attention(
+          q, k, v, key_value_seq_lengths=l, implementation="cudnn")))]
+      rows += [(f"ragged {frac:g} lcjax {sched} bk{bk} s{splits}", jax.jit(
+          lambda q, k, v, l, sched=sched: decode.decode_attention(q, k, v, l, block_k=bk, num_splits=splits,
+                                                                  num_warps=warps, num_stages=stages,
+                                                                  schedule=sched)))
+               for sched in decode.SCHEDULES]
+      for name, f in rows:
+        try:
+          err = rel_err(f(q, k, v, rl), rref)
+          t = time_in_scan(f, q, k, v, rl, **timing)
+        except Exception as e:  # noqa: BLE001
+          log.add(n=n, impl=name, error=repr(e)[:300])
+          continue
+        log.add(n=n, impl=name, ms=t * 1e3, err=err, x_ideal=t / ideal)
     for impl in ("cudnn", "xla", "jax_pallas"):
       if impl in results:
         summary.append((n, impl, "", results[impl], gbps(results[impl]), results.get("cudnn")))

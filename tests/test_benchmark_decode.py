@@ -22,5 +22,6 @@ def test_benchmark_decode_runs_and_logs_every_cache_row(tmp_path, capsys):
   assert rows["DenseKVCache"]["ms"] > 0
   assert rows["QuestKVCache per kv_head, block 128, 2 of 4 blocks"]["ideal_ms"] == 0.5 * rows["DenseKVCache"]["ms"]
   assert "error" in rows["lcjax bk128 s2 w4 st3"]          # no GPU: the kernel row says why
+  assert "error" in rows["ragged 0.0625 lcjax balanced bk128 s16"]
   out = capsys.readouterr().out
   assert "| 512 | cache API | QuestKVCache per kv_head, block 128, 2 of 4 blocks;" in out

@@ -28,15 +28,16 @@ def _rel_err(x, ref):
   return np.linalg.norm(x - ref) / np.linalg.norm(ref)
 
 
+@pytest.mark.parametrize("schedule", decode.SCHEDULES)
 @pytest.mark.parametrize("q_len,q_heads,kv_heads,splits", [(1, 8, 2, 3), (3, 4, 4, 2), (2, 6, 1, 5)])
-def test_dense_decode_matches_reference_fp32(q_len, q_heads, kv_heads, splits):
+def test_dense_decode_matches_reference_fp32(q_len, q_heads, kv_heads, splits, schedule):
   capacity = 96
   q, k, v = _inputs(jax.random.key(q_len * 7 + splits), 4, q_len, q_heads, kv_heads, capacity, 16,
                     jnp.float32)
   # Ragged: length 1 (fewer keys than queries when q_len > 1), partial blocks, full capacity.
   lengths = jnp.array([1, 37, 64, capacity], jnp.int32)
-  out, lse = decode.decode_attention(q, k, v, lengths, block_k=16, num_splits=splits, interpret=True,
-                                     return_lse=True)
+  out, lse = decode.decode_attention(q, k, v, lengths, block_k=16, num_splits=splits, schedule=schedule,
+                                     interpret=True, return_lse=True)
   ref, ref_lse = _reference(q, k, v, lengths)
   assert out.shape == q.shape and out.dtype == q.dtype
   np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
@@ -61,27 +62,49 @@ def test_zero_length_sequence_gives_zero_output():
   np.testing.assert_allclose(out[1], ref[1], atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("block_size,block_k", [(16, 16), (32, 16)])
-def test_sparse_decode_matches_layout_reference(block_size, block_k):
+@pytest.mark.parametrize("schedule", decode.SCHEDULES)
+@pytest.mark.parametrize("block_size,block_k,list_heads", [(16, 16, 2), (32, 16, 2), (32, 16, 8)])
+def test_sparse_decode_matches_layout_reference(block_size, block_k, list_heads, schedule):
+  """Block lists per KV head (list_heads 2) or per query head (8)."""
   batch, q_len, q_heads, kv_heads, capacity, head_dim = 3, 2, 8, 2, 128, 16
   q, k, v = _inputs(jax.random.key(block_size), batch, q_len, q_heads, kv_heads, capacity, head_dim,
                     jnp.float32)
   lengths = jnp.array([capacity, 50, 1], jnp.int32)
   n_blocks = capacity // block_size
-  rng = np.random.default_rng(block_size)
-  visible = rng.random((batch, kv_heads, 1, n_blocks)) < 0.5
+  rng = np.random.default_rng(block_size + list_heads)
+  visible = rng.random((batch, list_heads, 1, n_blocks)) < 0.5
   visible[:, :, 0, 0] = True          # every head sees at least one block
   layout = BlockLayout.from_block_mask(visible, block_q=q_len, block_kv=block_size, q_len=q_len,
                                        kv_len=capacity)
   out, lse = decode.decode_attention(
       q, k, v, lengths, layout.kv_indices[:, :, 0], layout.kv_counts[:, :, 0], block_size=block_size,
-      block_k=block_k, num_splits=3, interpret=True, return_lse=True)
+      block_k=block_k, num_splits=3, schedule=schedule, interpret=True, return_lse=True)
   ref, ref_lse = _reference(q, k, v, lengths, layout)
   np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
   np.testing.assert_allclose(lse, ref_lse, atol=2e-5, rtol=2e-5)
 
 
+def test_balanced_schedule_reads_every_tile_once_in_equal_chunks():
+  rng = np.random.default_rng(0)
+  cases = [np.array([0, 0, 0]), np.array([1024, 1, 1, 1, 0, 3]), rng.integers(0, 50, 16), np.array([7])]
+  for tiles in cases:
+    for programs in (1, 5, 64):
+      segment, lo, hi = map(np.asarray, decode.balanced_schedule(jnp.asarray(tiles, jnp.int32), programs))
+      assert segment.shape == (programs + len(tiles),)
+      chunk = max(1, -(-int(tiles.sum()) // programs))
+      assert np.all(hi - lo <= chunk) and np.all(hi >= lo)
+      for s, n in enumerate(tiles):                  # each segment's [0, n) exactly once, in order
+        mine = (segment == s) & (hi > lo)
+        covered = np.concatenate([np.arange(a, b) for a, b in zip(lo[mine], hi[mine])] or [np.zeros(0, int)])
+        np.testing.assert_array_equal(covered, np.arange(n))
+      # A long sequence in a ragged batch gets the programs: no chunk longer than the even share.
+      assert (hi - lo).max(initial=0) == min(chunk, tiles.max(initial=0))
+
+
 def test_bad_arguments_raise():
+  q, k, v = _inputs(jax.random.key(5), 2, 1, 4, 2, 32, 16, jnp.float32)
+  with pytest.raises(ValueError, match="schedule='even'; accepted"):
+    decode.decode_attention(q, k, v, jnp.array([1, 2], jnp.int32), schedule="even", interpret=True)
   q, k, v = _inputs(jax.random.key(5), 2, 1, 3, 2, 32, 16, jnp.float32)
   with pytest.raises(ValueError, match="multiple of kv heads"):
     decode.decode_attention(q, k, v, jnp.array([1, 2], jnp.int32), interpret=True)
@@ -101,7 +124,7 @@ def test_lengths_past_capacity_read_only_the_cache():
 
 
 def test_decode_kernels_lower_for_h100():
-  """Dense, block-sparse (lists per KV head and per query head) and int8 / int4 decode on both dot
+  """Dense, block-sparse (lists per KV head and per query head; both schedules) and int8 / int4 decode on both dot
   paths lower to Triton custom calls for an H100 target without a GPU (the int4 inline PTX is only
   assembled on a GPU); tests/test_pallas_decode_gpu.py runs them on the device machine."""
   from jax import export
@@ -110,10 +133,13 @@ def test_decode_kernels_lower_for_h100():
   S = jax.ShapeDtypeStruct
   b, hq, hkv, c, d = 2, 8, 2, 512, 128
   q, kv, lengths = S((b, 1, hq, d), jnp.bfloat16), S((b, c, hkv, d), jnp.bfloat16), S((b,), jnp.int32)
-  calls = [(lambda q, k, v, l: decode.decode_attention(q, k, v, l), (q, kv, kv, lengths))]
-  for heads in (hkv, hq):
-    calls.append((lambda q, k, v, l, i, n: decode.decode_attention(q, k, v, l, i, n, block_size=128),
-                  (q, kv, kv, lengths, S((b, heads, 4), jnp.int32), S((b, heads), jnp.int32))))
+  calls = []
+  for schedule in decode.SCHEDULES:
+    calls.append((lambda q, k, v, l, s=schedule: decode.decode_attention(q, k, v, l, schedule=s), (q, kv, kv, lengths)))
+    for heads in (hkv, hq):
+      calls.append((lambda q, k, v, l, i, n, s=schedule: decode.decode_attention(q, k, v, l, i, n, block_size=128,
+                                                                                  schedule=s),
+                    (q, kv, kv, lengths, S((b, heads, 4), jnp.int32), S((b, heads), jnp.int32))))
   for bits, vg in ((8, 128), (4, 64), (4, 128)):
     cache = jax.eval_shape(lambda: decode_quant.quantize_kv(jnp.zeros(kv.shape), jnp.zeros(kv.shape),
                                                             bits=bits, key_group=128, value_group=vg))

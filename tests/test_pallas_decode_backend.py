@@ -14,8 +14,9 @@ def _cache(seed, b=2, t=1, hq=4, hkv=2, c=64, d=16):
           jax.random.normal(ks[2], (b, c, hkv, d)))
 
 
+@pytest.mark.parametrize("schedule", ["splits", "balanced"])
 @pytest.mark.parametrize("layout_heads", [None, 1, 2])
-def test_decode_attend_paths_agree(layout_heads):
+def test_decode_attend_paths_agree(layout_heads, schedule):
   q, k, v = _cache(layout_heads or 0)
   lengths = jnp.array([64, 23], jnp.int32)
   layout = None
@@ -24,7 +25,8 @@ def test_decode_attend_paths_agree(layout_heads):
     visible[..., 0] = True
     layout = BlockLayout.from_block_mask(visible, block_q=1, block_kv=16, q_len=1, kv_len=64)
   kw = dict(layout=layout, return_lse=True)
-  out, lse = db.decode_attend(q, k, v, lengths, implementation="pallas", interpret=True, num_splits=2, **kw)
+  out, lse = db.decode_attend(q, k, v, lengths, implementation="pallas", interpret=True, num_splits=2,
+                              schedule=schedule, **kw)
   ref, ref_lse = db.decode_attend(q, k, v, lengths, implementation="xla", **kw)
   np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
   np.testing.assert_allclose(lse, ref_lse, atol=2e-5, rtol=2e-5)

@@ -40,10 +40,11 @@ def _reference(q, k, v, lengths, dtype=jnp.float32, layout=None):
                              q_offset=lengths - q.shape[1], kv_valid_len=lengths)
 
 
+@pytest.mark.parametrize("schedule", decode.SCHEDULES)
 @pytest.mark.parametrize("q_len", [1, 2])
-def test_dense_decode_matches_reference(q_len):
+def test_dense_decode_matches_reference(q_len, schedule):
   q, k, v = _inputs(0, q_len)
-  out = decode.decode_attention(q, k, v, LENGTHS)
+  out = decode.decode_attention(q, k, v, LENGTHS, schedule=schedule)
   ref = _reference(q, k, v, LENGTHS)
   bf16_err = _rel(_reference(q, k, v, LENGTHS, jnp.bfloat16), ref)
   assert _rel(out, ref) <= 2 * bf16_err + 1e-3

@@ -141,7 +141,7 @@ def decode_attend(q, k, v, lengths, *, layout: BlockLayout | None = None, scale:
 
   layout: optional BlockLayout with one query block (block_q >= T) listing the key blocks each
     (batch, kv head) visits (Quest / landmark / top-k retrieval); block_kv must divide C.
-  kernel_options: block_k, num_splits, num_warps, num_stages (see pallas_kernels.gpu.decode).
+  kernel_options: block_k, num_splits, schedule, num_warps, num_stages (see pallas_kernels.gpu.decode).
   Returns out [B, T, Hq, D] in q.dtype (and float32 lse [B, Hq, T] with return_lse).
   """
   lengths = jnp.asarray(lengths, jnp.int32)

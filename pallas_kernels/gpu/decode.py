@@ -6,6 +6,14 @@ contiguous share of its key blocks; it packs all the query rows of that KV head 
 times the few query tokens) into one [rows, D] tile, so K and V are read once for the group.
 Each split writes a normalised partial output and its log-sum-exp; `merge_splits` combines them.
 
+Two schedules share the kernel (`schedule=`):
+  "splits"    FlashDecoding: every (batch, kv head) gets num_splits programs, whatever its length.
+  "balanced"  Lean attention's aim (equal work per program) in FlashInfer's form: the batch's key
+              tiles are cut into chunks of one size, chunk = ceil(all tiles / programs), so in a
+              ragged batch a long sequence gets many programs and a short one few; no program
+              spans two (batch, head) pairs, and `merge_segments` combines each pair's chunks.
+              The same program budget as "splits" (num_splits x B x heads).
+
 Shapes and conventions (the cache layout of lcjax.cache.DenseKVCache):
   q        [B, T, Hq, D]         the last T tokens written, at positions lengths - T .. lengths - 1
   k, v     [B, C, Hkv, D]        C = capacity; only the first lengths[b] rows are valid
@@ -140,23 +148,77 @@ def split_range(total, num_splits: int, split):
   return lo, jnp.maximum(jnp.minimum(lo + per, total), lo)
 
 
-def _decode_kernel(len_ref, *refs, scale, block_k, num_splits, group, q_len, sparse, tiles_per_block):
-  if sparse:
-    idx_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+SCHEDULES = ("splits", "balanced")
+
+
+def balanced_schedule(tiles, num_programs: int):
+  """Cuts every segment's key tiles into chunks of one size, about num_programs chunks in all.
+
+  Args:
+    tiles: int32 [S] key tiles of each segment (a (batch, head) pair), traced.
+    num_programs: the program budget.
+  Returns:
+    (segment, lo, hi) int32 [num_programs + S] each: chunk c reads tiles [lo, hi) of `segment`.
+    chunk = ceil(sum(tiles) / num_programs) tiles, so a segment has at most tiles / chunk + 1
+    chunks and all fit; chunks past the last are empty (lo = hi = 0).
+  """
+  num_segments = tiles.shape[0]
+  chunk = jnp.maximum(1, (tiles.sum() + num_programs - 1) // num_programs)
+  counts = (tiles + chunk - 1) // chunk
+  ends = jnp.cumsum(counts)
+  c = jnp.arange(num_programs + num_segments, dtype=jnp.int32)
+  segment = jnp.minimum(jnp.searchsorted(ends, c, side="right"), num_segments - 1).astype(jnp.int32)
+  live = c < ends[-1]
+  lo = jnp.where(live, (c - ends[segment] + counts[segment]) * chunk, 0)
+  hi = jnp.where(live, jnp.minimum(lo + chunk, tiles[segment]), 0)
+  return segment, lo.astype(jnp.int32), hi.astype(jnp.int32)
+
+
+def merge_segments(o, lse, segment, num_segments: int):
+  """merge_splits over chunks grouped by segment: o float32 [P, rows, D], lse [P, rows] (-inf
+  for empty chunks), segment int32 [P] -> ([num_segments, rows, D], [num_segments, rows]);
+  segments with no chunk are 0 / -inf."""
+  m = jax.ops.segment_max(lse, segment, num_segments=num_segments)
+  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+  w = jnp.exp(lse - m_safe[segment])                              # 0 for empty chunks
+  l = jax.ops.segment_sum(w, segment, num_segments=num_segments)
+  out = jax.ops.segment_sum(w[..., None] * o, segment, num_segments=num_segments)
+  out = out / jnp.where(l > 0, l, 1.0)[..., None]
+  return out, jnp.where(l > 0, m_safe + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+
+
+def dense_tiles(length, block_k: int, num_tiles: int):
+  """Key tiles a sequence of `length` tokens reads. A length past the capacity is the caller's
+  bug; never read past the buffer because of it."""
+  return jnp.minimum((length + block_k - 1) // block_k, num_tiles)
+
+
+def _decode_kernel(len_ref, *refs, scale, block_k, num_splits, group, q_len, sparse, tiles_per_block,
+                   balanced, heads, kv_group):
+  refs = list(refs)
+  sched_ref = refs.pop(0) if balanced else None
+  idx_ref, cnt_ref = (refs.pop(0), refs.pop(0)) if sparse else (None, None)
+  q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+  if balanced:
+    # Whole arrays: which (batch, head) this program reads comes from the schedule table.
+    i = pl.program_id(0)
+    segment, lo, hi = sched_ref[0, i], sched_ref[1, i], sched_ref[2, i]
+    b, h = segment // heads, segment % heads
+    q = q_ref[b, h, :, :]
+    kv_tile = lambda ref, start: ref[b, pl.ds(start, block_k), h // kv_group, :]
+    capacity = k_ref.shape[1]
   else:
-    q_ref, k_ref, v_ref, o_ref, lse_ref = refs
-  b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  rows, head_dim = q_ref.shape
+    b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    q = q_ref[...]
+    kv_tile = lambda ref, start: ref[pl.ds(start, block_k), :]
+    capacity = k_ref.shape[0]
+  rows, head_dim = q.shape
   length = len_ref[b]
-  q = q_ref[...]
   qpos = query_positions(length, rows, group, q_len)
-  num_tiles = k_ref.shape[0] // block_k
-  if sparse:
-    total = cnt_ref[b, h] * tiles_per_block
-  else:
-    # A length past the capacity is the caller's bug; never read past the buffer because of it.
-    total = jnp.minimum((length + block_k - 1) // block_k, num_tiles)
-  lo, hi = split_range(total, num_splits, split)
+  num_tiles = capacity // block_k
+  if not balanced:
+    total = cnt_ref[b, h] * tiles_per_block if sparse else dense_tiles(length, block_k, num_tiles)
+    lo, hi = split_range(total, num_splits, split)
 
   def body(i, carry):
     if sparse:
@@ -165,11 +227,11 @@ def _decode_kernel(len_ref, *refs, scale, block_k, num_splits, group, q_len, spa
     else:
       start = i * block_k
     start = pl.multiple_of(start, block_k)
-    k = k_ref[pl.ds(start, block_k), :]
+    k = kv_tile(k_ref, start)
     s = plgpu.dot(q, k, trans_b=True) * scale
     kpos = start + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
     mask = kpos <= qpos[:, None]
-    v = v_ref[pl.ds(start, block_k), :]
+    v = kv_tile(v_ref, start)
     return online_softmax_step(carry, s, mask, lambda p: plgpu.dot(p.astype(v.dtype), v))
 
   carry = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
@@ -191,13 +253,13 @@ def validate_decode_args(q, k, v, lengths):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "scale", "block_size", "block_k", "num_splits", "num_warps", "num_stages", "interpret",
+    "scale", "block_size", "block_k", "num_splits", "schedule", "num_warps", "num_stages", "interpret",
     "return_lse"))
 def decode_attention(q, k, v, lengths, block_indices=None, block_counts=None, *,
                      scale: float | None = None, block_size: int | None = None,
                      block_k: int | None = None, num_splits: int | None = None,
-                     num_warps: int = 4, num_stages: int = 3, interpret: bool = False,
-                     return_lse: bool = False):
+                     schedule: str = "splits", num_warps: int = 4, num_stages: int = 3,
+                     interpret: bool = False, return_lse: bool = False):
   """Decode attention of a few new query tokens over a long dense KV cache.
 
   Args:
@@ -208,11 +270,15 @@ def decode_attention(q, k, v, lengths, block_indices=None, block_counts=None, *,
     scale: logit scale, default D ** -0.5.
     block_k: keys per tile (default the largest of 128, 64, ... dividing C and block_size).
     num_splits: KV splits per (batch, kv head); default at most 8 (dense) or 4 (sparse) programs per SM.
+    schedule: "splits" or "balanced" (module docstring): with "balanced", num_splits x B x heads
+      programs share the batch's tiles evenly.
   Returns:
     out [B, T, Hq, D] in q.dtype (zero for queries that see no key), and with return_lse the
     float32 log-sum-exp [B, Hq, T].
   """
   validate_decode_args(q, k, v, lengths)
+  if schedule not in SCHEDULES:
+    raise ValueError(f"schedule={schedule!r}; accepted: {SCHEDULES}")
   batch, q_len, q_heads, head_dim = q.shape
   capacity, kv_heads = k.shape[1], k.shape[2]
   group = q_heads // kv_heads
@@ -243,35 +309,56 @@ def decode_attention(q, k, v, lengths, block_indices=None, block_counts=None, *,
   splits = num_splits or default_num_splits(batch, prog_heads, max_tiles, waves=4 if sparse else 8)
 
   qp, rows = pack_queries(q, prog_heads)
+  balanced = schedule == "balanced"
   kernel = functools.partial(_decode_kernel, scale=scale, block_k=bk, num_splits=splits,
                              group=q_heads // prog_heads, q_len=q_len, sparse=sparse,
-                             tiles_per_block=tiles_per_block)
-  kv_spec = pl.BlockSpec((None, capacity, None, head_dim), lambda b, h, j: (b, 0, kv_of(h), 0))
-  whole = lambda x: pl.BlockSpec(x.shape, lambda b, h, j: (0,) * x.ndim)
+                             tiles_per_block=tiles_per_block, balanced=balanced, heads=prog_heads,
+                             kv_group=prog_heads // kv_heads)
   lengths = lengths.astype(jnp.int32)
-  args = [lengths]
-  in_specs = [whole(lengths)]
+  lists = []
   if sparse:
     block_indices = block_indices.astype(jnp.int32)
     block_counts = block_counts.astype(jnp.int32)
-    args += [block_indices, block_counts]
-    in_specs += [whole(block_indices), whole(block_counts)]
-  args += [qp, k, v]
-  in_specs += [pl.BlockSpec((None, None, rows, head_dim), lambda b, h, j: (b, h, 0, 0)), kv_spec, kv_spec]
+    lists = [block_indices, block_counts]
+  if balanced:
+    tiles = (block_counts * tiles_per_block if sparse
+             else jnp.broadcast_to(dense_tiles(lengths, bk, capacity // bk)[:, None], (batch, prog_heads)))
+    segment, lo, hi = balanced_schedule(tiles.reshape(-1), splits * batch * prog_heads)
+    grid = (segment.shape[0],)
+    whole = lambda x: pl.BlockSpec(x.shape, lambda i: (0,) * x.ndim)
+    args = [lengths, jnp.stack([segment, lo, hi]), *lists, qp, k, v]
+    in_specs = [whole(x) for x in args]
+    out_specs = [pl.BlockSpec((None, rows, head_dim), lambda i: (i, 0, 0)),
+                 pl.BlockSpec((None, rows), lambda i: (i, 0))]
+    out_shape = [jax.ShapeDtypeStruct((grid[0], rows, head_dim), jnp.float32),
+                 jax.ShapeDtypeStruct((grid[0], rows), jnp.float32)]
+  else:
+    grid = (batch, prog_heads, splits)
+    kv_spec = pl.BlockSpec((None, capacity, None, head_dim), lambda b, h, j: (b, 0, kv_of(h), 0))
+    whole = lambda x: pl.BlockSpec(x.shape, lambda b, h, j: (0,) * x.ndim)
+    args = [lengths, *lists, qp, k, v]
+    in_specs = ([whole(x) for x in (lengths, *lists)]
+                + [pl.BlockSpec((None, None, rows, head_dim), lambda b, h, j: (b, h, 0, 0)), kv_spec, kv_spec])
+    out_specs = [pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, j: (b, h, j, 0, 0)),
+                 pl.BlockSpec((None, None, None, rows), lambda b, h, j: (b, h, j, 0))]
+    out_shape = [jax.ShapeDtypeStruct((batch, prog_heads, splits, rows, head_dim), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, prog_heads, splits, rows), jnp.float32)]
   o, lse = pl.pallas_call(
       kernel,
-      grid=(batch, prog_heads, splits),
+      grid=grid,
       in_specs=in_specs,
-      out_specs=[pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, j: (b, h, j, 0, 0)),
-                 pl.BlockSpec((None, None, None, rows), lambda b, h, j: (b, h, j, 0))],
-      out_shape=[jax.ShapeDtypeStruct((batch, prog_heads, splits, rows, head_dim), jnp.float32),
-                 jax.ShapeDtypeStruct((batch, prog_heads, splits, rows), jnp.float32)],
+      out_specs=out_specs,
+      out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="lcjax_sparse_decode" if sparse else "lcjax_decode",
   )(*args)
   n = q_len * (q_heads // prog_heads)       # drop the padding rows before the merge reads them
-  out, lse = merge_splits(o[..., :n, :], lse[..., :n])
+  if balanced:
+    out, lse = merge_segments(o[..., :n, :], lse[..., :n], segment, batch * prog_heads)
+    out, lse = out.reshape(batch, prog_heads, n, head_dim), lse.reshape(batch, prog_heads, n)
+  else:
+    out, lse = merge_splits(o[..., :n, :], lse[..., :n])
   out = unpack_rows(out, q_len, q_heads).astype(q.dtype)
   if return_lse:
     return out, jnp.moveaxis(unpack_rows(lse, q_len, q_heads), 1, 2)
