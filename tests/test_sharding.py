@@ -220,7 +220,7 @@ def test_generate_with_mesh_places_caches_by_the_rules_and_matches_one_device():
 
 
 @needs_8
-@pytest.mark.parametrize("cache_kind", ["dense", "sparse", "int8"])
+@pytest.mark.parametrize("cache_kind", ["dense", "dense_balanced", "sparse", "int8"])
 def test_decode_kernels_run_per_shard_under_a_mesh(cache_kind):
   """Under jax.set_mesh the decode kernels run inside a shard_map over (batch, KV heads): the
   same output as on one device, left sharded like q, and no all-gather of the cache (a Pallas
@@ -234,6 +234,8 @@ def test_decode_kernels_run_per_shard_under_a_mesh(cache_kind):
   k, v = jax.random.normal(kk, (b, c, hkv, d)), jax.random.normal(kv, (b, c, hkv, d))
   lengths = jnp.array([64, 30, 5, 1], jnp.int32)
   opts = dict(implementation="pallas", return_lse=True, block_k=16, num_splits=2)
+  if cache_kind == "dense_balanced":   # the schedule built per shard from its own lengths
+    opts["schedule"] = "balanced"
   if cache_kind == "int8":
     cache = decode_backend.quantize_kv(k, v, bits=8, key_group=16, value_group=16)
     attend = lambda q, cache, l: decode_backend.quantized_decode_attend(q, cache, l, **opts)
