@@ -122,6 +122,17 @@ def time_in_scan(fn, q, *rest, iters=30, repeats=5):
   return float(np.median(times))
 
 
+def checked_time(log, n, name, f, args, ref, timing):
+  """(seconds per call in the scan, relative error against ref) of f(*args), or None after
+  logging the row's error (a config the kernel refuses, no GPU)."""
+  try:
+    err = rel_err(f(*args), ref)
+    return time_in_scan(f, *args, **timing), err
+  except Exception as e:  # noqa: BLE001  (report and go on)
+    log.add(n=n, impl=name, error=repr(e)[:500])
+    return None
+
+
 def rel_err(x, ref):
   x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
   return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
@@ -243,12 +254,9 @@ def main(argv):
       f = jax.jit(lambda q, k, v, l, bk=bk, s=splits, w=warps, st=stages: decode.decode_attention(
           q, k, v, l, block_k=bk, num_splits=s, num_warps=w, num_stages=st))
       name = f"lcjax bk{bk} s{splits} w{warps} st{stages}"
-      try:
-        err = rel_err(f(q, k, v, lengths), ref)
-        t = time_in_scan(f, q, k, v, lengths, **timing)
-      except Exception as e:  # noqa: BLE001
-        log.add(n=n, impl=name, error=repr(e)[:500])
+      if (timed := checked_time(log, n, name, f, (q, k, v, lengths), ref, timing)) is None:
         continue
+      t, err = timed
       log.add(n=n, impl=name, ms=t * 1e3, gbps=gbps(t), err=err)
       if t < best[1]:
         best = (name, t)
@@ -272,13 +280,8 @@ def main(argv):
                                                                   schedule=sched)))
                for sched in decode.SCHEDULES]
       for name, f in rows:
-        try:
-          err = rel_err(f(q, k, v, rl), rref)
-          t = time_in_scan(f, q, k, v, rl, **timing)
-        except Exception as e:  # noqa: BLE001
-          log.add(n=n, impl=name, error=repr(e)[:300])
-          continue
-        log.add(n=n, impl=name, ms=t * 1e3, err=err, x_ideal=t / ideal)
+        if (timed := checked_time(log, n, name, f, (q, k, v, rl), rref, timing)) is not None:
+          log.add(n=n, impl=name, ms=timed[0] * 1e3, err=timed[1], x_ideal=timed[0] / ideal)
     for impl in ("cudnn", "xla", "jax_pallas"):
       if impl in results:
         summary.append((n, impl, "", results[impl], gbps(results[impl]), results.get("cudnn")))
@@ -308,12 +311,9 @@ def main(argv):
                 for sweep_bits, bk, splits, stages in cfg["mosaic_sweep"]
                 if sweep_bits == bits and decode_quant_mgpu.config_reason(q.shape, qkv, bk) is None]
       for name, f in sweep:
-        try:
-          err = rel_err(f(q, qkv, lengths), qref)
-          t = time_in_scan(f, q, qkv, lengths, **timing)
-        except Exception as e:  # noqa: BLE001
-          log.add(n=n, impl=name, error=repr(e)[:500])
+        if (timed := checked_time(log, n, name, f, (q, qkv, lengths), qref, timing)) is None:
           continue
+        t, err = timed
         log.add(n=n, impl=name, ms=t * 1e3, gbps=qbytes / t / 1e9, err=err, bytes=qbytes)
         if t < qbest[1]:
           qbest = (name, t)

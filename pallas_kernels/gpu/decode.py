@@ -97,13 +97,21 @@ def merge_splits(o, lse):
   Returns:
     (out float32 [..., rows, D], lse float32 [..., rows]); rows that saw nothing are 0 / -inf.
   """
-  m = jnp.max(lse, axis=-2)
-  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+  m_safe = _finite_or_zero(jnp.max(lse, axis=-2))
   w = jnp.exp(lse - m_safe[..., None, :])                       # 0 for empty splits
-  l = jnp.sum(w, axis=-2)
-  out = jnp.sum(w[..., None] * o, axis=-3) / jnp.where(l > 0, l, 1.0)[..., None]
-  lse_all = jnp.where(l > 0, m_safe + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
-  return out, lse_all
+  return _normalise_merge(jnp.sum(w[..., None] * o, axis=-3), jnp.sum(w, axis=-2), m_safe)
+
+
+def _finite_or_zero(m):
+  return jnp.where(jnp.isfinite(m), m, 0.0)                     # rows no split saw: 0
+
+
+def _normalise_merge(weighted, l, m_safe):
+  """The merge's last step, shared by merge_splits and merge_segments: out = weighted / l and
+  lse = m + log l, 0 / -inf where nothing was seen (l = 0)."""
+  seen = l > 0
+  l_safe = jnp.where(seen, l, 1.0)
+  return weighted / l_safe[..., None], jnp.where(seen, m_safe + jnp.log(l_safe), -jnp.inf)
 
 
 def online_softmax_step(carry, s, mask, v_dot):
@@ -178,13 +186,10 @@ def merge_segments(o, lse, segment, num_segments: int):
   """merge_splits over chunks grouped by segment: o float32 [P, rows, D], lse [P, rows] (-inf
   for empty chunks), segment int32 [P] -> ([num_segments, rows, D], [num_segments, rows]);
   segments with no chunk are 0 / -inf."""
-  m = jax.ops.segment_max(lse, segment, num_segments=num_segments)
-  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+  m_safe = _finite_or_zero(jax.ops.segment_max(lse, segment, num_segments=num_segments))
   w = jnp.exp(lse - m_safe[segment])                              # 0 for empty chunks
-  l = jax.ops.segment_sum(w, segment, num_segments=num_segments)
-  out = jax.ops.segment_sum(w[..., None] * o, segment, num_segments=num_segments)
-  out = out / jnp.where(l > 0, l, 1.0)[..., None]
-  return out, jnp.where(l > 0, m_safe + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+  return _normalise_merge(jax.ops.segment_sum(w[..., None] * o, segment, num_segments=num_segments),
+                          jax.ops.segment_sum(w, segment, num_segments=num_segments), m_safe)
 
 
 def dense_tiles(length, block_k: int, num_tiles: int):
@@ -314,6 +319,7 @@ def decode_attention(q, k, v, lengths, block_indices=None, block_counts=None, *,
                              group=q_heads // prog_heads, q_len=q_len, sparse=sparse,
                              tiles_per_block=tiles_per_block, balanced=balanced, heads=prog_heads,
                              kv_group=prog_heads // kv_heads)
+  whole = lambda x: pl.BlockSpec(x.shape, lambda *program: (0,) * x.ndim)    # one block: the array
   lengths = lengths.astype(jnp.int32)
   lists = []
   if sparse:
@@ -325,7 +331,6 @@ def decode_attention(q, k, v, lengths, block_indices=None, block_counts=None, *,
              else jnp.broadcast_to(dense_tiles(lengths, bk, capacity // bk)[:, None], (batch, prog_heads)))
     segment, lo, hi = balanced_schedule(tiles.reshape(-1), splits * batch * prog_heads)
     grid = (segment.shape[0],)
-    whole = lambda x: pl.BlockSpec(x.shape, lambda i: (0,) * x.ndim)
     args = [lengths, jnp.stack([segment, lo, hi]), *lists, qp, k, v]
     in_specs = [whole(x) for x in args]
     out_specs = [pl.BlockSpec((None, rows, head_dim), lambda i: (i, 0, 0)),
@@ -335,7 +340,6 @@ def decode_attention(q, k, v, lengths, block_indices=None, block_counts=None, *,
   else:
     grid = (batch, prog_heads, splits)
     kv_spec = pl.BlockSpec((None, capacity, None, head_dim), lambda b, h, j: (b, 0, kv_of(h), 0))
-    whole = lambda x: pl.BlockSpec(x.shape, lambda b, h, j: (0,) * x.ndim)
     args = [lengths, *lists, qp, k, v]
     in_specs = ([whole(x) for x in (lengths, *lists)]
                 + [pl.BlockSpec((None, None, rows, head_dim), lambda b, h, j: (b, h, 0, 0)), kv_spec, kv_spec])
